@@ -1,0 +1,399 @@
+"""The layers every gptjax family is built from, written once.
+
+Shapes are in the names: B batch, L query length, S key length, D embed,
+H query heads, K key/value heads, G = H // K, Dh head dim, F mlp, V vocab.
+Parameters are float32 and carry logical axis names (batch, length, embed,
+heads, kv_heads, kv, mlp, vocab) for the sharding rules in the config. Compute
+runs in `cfg.dtype`; softmax and norms run in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+NEG_INF = -1e9  # large enough to zero a softmax term in float32, small enough for bfloat16 inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A hashable, typed copy of `config.model` (see gptjax/config_schema.py)."""
+  family: str = "decoder_only"
+  vocab_size: int = 512
+  embed_dim: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 0
+  head_dim: int = 0
+  mlp_dim: int = 256
+  num_layers: int = 2
+  num_decoder_layers: int = 0
+  max_len: int = 64
+  position: str = "learned"
+  position_offset: int = 0
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  rope_base: float = 10000.0
+  norm: str = "layernorm"
+  norm_position: str = "pre"
+  norm_eps: float = 1e-5
+  final_norm: bool = True
+  embed_norm: bool = False
+  activation: str = "gelu"
+  use_bias: bool = True
+  scale_attention: bool = True
+  tie_embeddings: bool = True
+  scale_tied_logits: bool = False
+  embed_scale: float = 1.0
+  type_vocab_size: int = 0
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: str = "float32"
+  attention_impl: str = "einsum"
+  scan_layers: bool = False
+  remat: str = "none"
+  init_std: float = 0.02
+  mlm_head: bool = False
+  nsp_head: bool = False
+  num_classes: int = 0
+  pooling: str = "first"
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "ModelConfig":
+    """Builds a ModelConfig from an ml_collections `config.model`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in model_cfg.to_dict().items() if k in names})
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dims_per_head(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_decoder_layers or self.num_layers
+
+  @property
+  def compute_dtype(self) -> Any:
+    return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+
+def _normal(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _zeros(axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def kernel_std(cfg: ModelConfig, fan_in: int) -> float:
+  """GPT/BERT use a fixed std; T5 (no attention scaling) uses fan-in scaling."""
+  return cfg.init_std if cfg.scale_attention else fan_in ** -0.5
+
+
+# ---------------------------------------------------------------- embeddings
+class Embed(nn.Module):
+  """Token embedding table; `attend` reuses it as a tied output layer."""
+  num_embeddings: int
+  features: int
+  std: float = 0.02
+  dtype: Any = jnp.float32
+  axes: tuple[str, str] = ("vocab", "embed")
+
+  def setup(self):
+    self.embedding = self.param("embedding", _normal(self.std, self.axes),
+                                (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids_BxL: Array) -> Array:
+    return jnp.take(self.embedding, ids_BxL, axis=0).astype(self.dtype)
+
+  def attend(self, x_BxLxD: Array) -> Array:
+    """Logits against the embedding table: x @ E^T."""
+    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+def sinusoidal_embedding(positions_BxL: Array, features: int) -> Array:
+  """The fixed sin/cos position encoding of Vaswani et al. (2017)."""
+  half = features // 2
+  freq = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  angle_BxLxF = positions_BxL[..., None].astype(jnp.float32) * freq
+  return jnp.concatenate([jnp.sin(angle_BxLxF), jnp.cos(angle_BxLxF)], axis=-1)
+
+
+def t5_relative_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
+                       max_distance: int) -> Array:
+  """T5's bucketing of key-minus-query offsets (Raffel et al. 2020, mesh_tensorflow)."""
+  ret = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  val_if_large = max_exact + (
+      jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps)
+      / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBias(nn.Module):
+  """T5 bucketed relative position bias, one table shared by all layers of a stack."""
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, q_pos_L: Array, k_pos_S: Array) -> Array:
+    table = self.param("rel_embedding", _normal(0.02 if self.num_heads else 1.0, ("relpos", "heads")),
+                       (self.num_buckets, self.num_heads), jnp.float32)
+    bucket_LxS = t5_relative_bucket(k_pos_S[None, :] - q_pos_L[:, None], self.bidirectional,
+                                    self.num_buckets, self.max_distance)
+    return jnp.take(table, bucket_LxS, axis=0).transpose(2, 0, 1)[None]  # 1xHxLxS
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """Per-head ALiBi slopes (Press et al. 2022), also for head counts not a power of 2."""
+  def power_of_2(n):
+    start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+    return [start * start ** i for i in range(n)]
+  if math.log2(num_heads).is_integer():
+    return np.asarray(power_of_2(num_heads), np.float32)
+  closest = 2 ** math.floor(math.log2(num_heads))
+  extra = power_of_2(2 * closest)[0::2][: num_heads - closest]
+  return np.asarray(power_of_2(closest) + extra, np.float32)
+
+
+def alibi_bias(q_pos_L: Array, k_pos_S: Array, num_heads: int, causal: bool) -> Array:
+  """ALiBi linear distance penalty, 1xHxLxS."""
+  dist_LxS = (q_pos_L[:, None] - k_pos_S[None, :]).astype(jnp.float32)
+  dist_LxS = jnp.maximum(dist_LxS, 0.0) if causal else jnp.abs(dist_LxS)
+  return -alibi_slopes(num_heads)[None, :, None, None] * dist_LxS[None, None]
+
+
+def apply_rope(x_BxLxNxDh: Array, positions_BxL: Array, base: float) -> Array:
+  """Rotary position embedding (Su et al. 2021), rotate-half convention."""
+  dh = x_BxLxNxDh.shape[-1]
+  inv_freq = 1.0 / (base ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  angle_BxLxH = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  sin = jnp.sin(angle_BxLxH)[:, :, None, :]
+  cos = jnp.cos(angle_BxLxH)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxDh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxDh.dtype)
+
+
+# --------------------------------------------------------------------- norms
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm (T5: scale only, no mean), computed in float32."""
+  kind: str = "layernorm"
+  eps: float = 1e-5
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    scale = self.param("scale", _ones(("embed",)), (d,), jnp.float32)
+    if self.kind == "rmsnorm":
+      y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    else:
+      mean = jnp.mean(x32, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+      y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * scale
+    if self.use_bias:
+      y = y + self.param("bias", _zeros(("embed",)), (d,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> Norm:
+  """The family's norm, named `name`."""
+  return Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name=name)
+
+
+# --------------------------------------------------------------------- dense
+class Dense(nn.Module):
+  """y = x · W (+ b) over the trailing `in_shape` axes into `out_shape`, with axis names."""
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  std: float = 0.02
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    kernel = self.param("kernel", _normal(self.std, self.axes), self.in_shape + self.out_shape,
+                        jnp.float32)
+    letters = "ijkmn"
+    lhs = "...%s" % letters[:n_in]
+    rhs = letters[:n_in] + "opq"[:n_out]
+    y = jnp.einsum(f"{lhs},{rhs}->...{'opq'[:n_out]}", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", _zeros(self.axes[n_in:]), self.out_shape, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+# ----------------------------------------------------------------- attention
+def dot_product_attention(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array,
+                          mask_Bx1xLxS: Optional[Array], bias_1xHxLxS: Optional[Array], scale: float,
+                          impl: str, dropout_fn=None) -> Array:
+  """Softmax attention in float32, with grouped-query heads, mask and additive bias."""
+  if impl == "dot_product" and dropout_fn is None:
+    return jax.nn.dot_product_attention(
+        q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+        bias=None if bias_1xHxLxS is None else bias_1xHxLxS.astype(q_BxLxHxDh.dtype),
+        mask=mask_Bx1xLxS, scale=scale)
+  b, l, h, dh = q_BxLxHxDh.shape
+  kh = k_BxSxKxDh.shape[2]
+  q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kh, h // kh, dh)
+  s_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
+                           preferred_element_type=jnp.float32) * scale
+  if bias_1xHxLxS is not None:
+    s_BxKxGxLxS += bias_1xHxLxS.reshape(bias_1xHxLxS.shape[0], kh, h // kh, *bias_1xHxLxS.shape[2:])
+  if mask_Bx1xLxS is not None:
+    s_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], s_BxKxGxLxS, NEG_INF)
+  p_BxKxGxLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1)
+  if dropout_fn is not None:
+    p_BxKxGxLxS = dropout_fn(p_BxKxGxLxS)
+  out = jnp.einsum("bkgls,bskd->blkgd", p_BxKxGxLxS.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
+  return out.reshape(b, l, h, dh)
+
+
+class Attention(nn.Module):
+  """Multi-head (optionally grouped-query) self- or cross-attention with a decode-time KV cache."""
+  cfg: ModelConfig
+  is_cross: bool = False
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, kv_BxSxD: Optional[Array] = None,
+               mask_Bx1xLxS: Optional[Array] = None, bias_1xHxLxS: Optional[Array] = None,
+               positions_BxL: Optional[Array] = None, input_mask_BxL: Optional[Array] = None) -> Array:
+    cfg = self.cfg
+    d, h, kh, dh = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dims_per_head
+    dt = cfg.compute_dtype
+    q_std = kernel_std(cfg, d) * (1.0 if cfg.scale_attention else dh ** -0.5)
+    dense = lambda out, axes, std, name: Dense((d,), out, axes, std, cfg.use_bias, dt, name=name)
+    q = dense((h, dh), ("embed", "heads", "kv"), q_std, "query")(x_BxLxD)
+    kv_in = x_BxLxD if kv_BxSxD is None else kv_BxSxD
+    k = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "key")(kv_in)
+    v = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "value")(kv_in)
+    if cfg.position == "rope" and not self.is_cross:
+      q = apply_rope(q, positions_BxL, cfg.rope_base)
+      k = apply_rope(k, positions_BxL, cfg.rope_base)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+
+    if self.decode and not self.is_cross:
+      k, v, mask_Bx1xLxS = self._update_cache(k, v, input_mask_BxL)
+
+    dropout_fn = None
+    if cfg.attention_dropout_rate > 0 and not self.deterministic:
+      dropout_fn = nn.Dropout(cfg.attention_dropout_rate, deterministic=False)
+    scale = dh ** -0.5 if cfg.scale_attention else 1.0
+    out_BxLxHxDh = dot_product_attention(q, k.astype(dt), v.astype(dt), mask_Bx1xLxS, bias_1xHxLxS,
+                                         scale, cfg.attention_impl, dropout_fn)
+    out_std = kernel_std(cfg, h * dh)
+    return Dense((h, dh), (d,), ("heads", "kv", "embed"), out_std, cfg.use_bias, dt,
+                 name="out")(out_BxLxHxDh)
+
+  def _update_cache(self, k_BxLxKxDh, v_BxLxKxDh, input_mask_BxL):
+    """Writes this chunk into the cache; returns all cached keys, values and the decode mask."""
+    b, l, kh, dh = k_BxLxKxDh.shape
+    is_init = not self.has_variable("cache", "cached_key")
+    max_len = self.cfg.max_len
+    ck = self.variable("cache", "cached_key", jnp.zeros, (b, max_len, kh, dh), k_BxLxKxDh.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, (b, max_len, kh, dh), v_BxLxKxDh.dtype)
+    cvalid = self.variable("cache", "cached_valid", jnp.zeros, (b, max_len), jnp.bool_)
+    idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if is_init:  # shape-only pass that creates the cache
+      return k_BxLxKxDh, v_BxLxKxDh, None
+    i = idx.value
+    valid_BxL = jnp.ones((b, l), jnp.bool_) if input_mask_BxL is None else input_mask_BxL.astype(bool)
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxLxKxDh.astype(ck.value.dtype), (0, i, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxLxKxDh.astype(cv.value.dtype), (0, i, 0, 0))
+    cvalid.value = jax.lax.dynamic_update_slice(cvalid.value, valid_BxL, (0, i))
+    idx.value = i + l
+    q_pos_L = i + jnp.arange(l)
+    causal_LxS = jnp.arange(max_len)[None, :] <= q_pos_L[:, None]
+    mask_Bx1xLxS = causal_LxS[None, None] & cvalid.value[:, None, None, :]
+    return ck.value, cv.value, mask_Bx1xLxS
+
+
+# ----------------------------------------------------------------------- mlp
+class Mlp(nn.Module):
+  """Feed-forward block: gelu, relu, gated-gelu or SwiGLU."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    cfg = self.cfg
+    d, f, dt = cfg.embed_dim, cfg.mlp_dim, cfg.compute_dtype
+    wi = lambda name: Dense((d,), (f,), ("embed", "mlp"), kernel_std(cfg, d), cfg.use_bias, dt,
+                            name=name)(x_BxLxD)
+    if cfg.activation in ("gated_gelu", "swiglu"):
+      act = nn.gelu if cfg.activation == "gated_gelu" else nn.silu
+      h_BxLxF = act(wi("wi_0")) * wi("wi_1")
+    else:
+      act = {"gelu": lambda z: nn.gelu(z, approximate=True),
+             "gelu_exact": lambda z: nn.gelu(z, approximate=False),
+             "relu": nn.relu}[cfg.activation]
+      h_BxLxF = act(wi("wi"))
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+    return Dense((f,), (d,), ("mlp", "embed"), kernel_std(cfg, f), cfg.use_bias, dt, name="wo")(h_BxLxF)
+
+
+# --------------------------------------------------------------------- layer
+class TransformerLayer(nn.Module):
+  """Self-attention, optional cross-attention, MLP; pre-LN or post-LN.
+
+  Returns (x, None) so that the same layer can be used under `nn.scan`.
+  """
+  cfg: ModelConfig
+  has_cross: bool = False
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD, encoded_BxSxD, self_mask, cross_mask, self_bias, positions_BxL,
+               input_mask_BxL):
+    cfg = self.cfg
+    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+    pre = cfg.norm_position == "pre"
+
+    def block(x, name, fn):
+      if pre:
+        return x + drop(fn(make_norm(cfg, f"{name}_norm")(x)))
+      return make_norm(cfg, f"{name}_norm")(x + drop(fn(x)))
+
+    x = block(x_BxLxD, "self_attn", lambda y: Attention(
+        cfg, False, self.decode, self.deterministic, name="self_attn")(
+            y, None, self_mask, self_bias, positions_BxL, input_mask_BxL))
+    if self.has_cross:
+      x = block(x, "cross_attn", lambda y: Attention(
+          cfg, True, self.decode, self.deterministic, name="cross_attn")(y, encoded_BxSxD, cross_mask))
+    x = block(x, "mlp", lambda y: Mlp(cfg, name="mlp")(y))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, None
