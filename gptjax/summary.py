@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 from typing import Any, Iterable
 
 import flax.linen as nn
@@ -43,7 +44,8 @@ def module_table(tree: Any, depth: int = 3) -> list[tuple[str, int, str]]:
     module = "/".join(parts[: min(depth, len(parts) - 1)]) or parts[0]
     counts[module] = counts.get(module, 0) + int(np.prod(shape))
     shapes[module].append(f"{parts[-1]}{list(shape)}")
-  return [(m, n, " ".join(shapes[m])) for m, n in counts.items()]
+  natural = lambda m: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", m)]
+  return [(m, counts[m], " ".join(shapes[m])) for m in sorted(counts, key=natural)]
 
 
 def format_table(rows: Iterable[tuple[str, int, str]], total: int) -> str:

@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine:
+#   make test    create .venv, install gptjax with its test extra, run the whole suite
+#   make train   create .venv, install gptjax, train configs/gpt.py:small on tiny_shakespeare
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/gpt_small
+CONFIG ?= configs/gpt.py:small
+ARGS ?=
+
+.PHONY: test train install install-test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# torch (CPU build) is only a test dependency: the reference implementations for weight import.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+train: $(VENV)/.installed
+	$(PY) run.py --config=$(CONFIG) --workdir=$(WORKDIR) --mode=train $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

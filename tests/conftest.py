@@ -1,0 +1,32 @@
+"""Shared test fixtures: configs loaded exactly as run.py loads them."""
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("GPTJAX_RAW_DIR", str(REPO.parent / "shared" / "data"))
+
+
+def load_config(family: str, variant: str = "tiny", **overrides):
+  """Loads configs/<family>.py:<variant>, then applies dotted overrides ('model.num_layers'=1)."""
+  spec = importlib.util.spec_from_file_location(f"cfg_{family}", REPO / "configs" / f"{family}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(name="load_config")
+def _load_config_fixture():
+  return load_config
