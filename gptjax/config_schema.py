@@ -110,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.learning_rate = 1e-3
   tr.warmup_steps = 100
   tr.schedule = "cosine"  # cosine | linear | constant
+  tr.decay_steps = 0  # horizon of the decay; 0: train.steps (fix it to extend a run exactly)
   tr.min_lr_ratio = 0.1
   tr.weight_decay = 0.1
   tr.b1 = 0.9
@@ -219,6 +220,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """All start-up checks that need only the config."""
   from gptjax import batch_spec  # pylint: disable=g-import-not-at-top
   validate_model(c.model)
+  _one_of("config.train.schedule", c.train.schedule, ("cosine", "linear", "constant"))
+  _one_of("config.parallelism.mode", c.parallelism.mode, ("mesh", "pmap"))
+  if c.train.steps < 1:
+    raise ConfigError(f"config.train.steps={c.train.steps} must be at least 1")
+  if c.train.grad_accum < 1:
+    raise ConfigError(f"config.train.grad_accum={c.train.grad_accum} must be at least 1")
   batch_spec.check_family_objective(c.model.family, c.objective)
   validate_lengths(c)
 

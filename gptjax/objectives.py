@@ -1,0 +1,167 @@
+"""Objectives as pure losses, kept apart from the networks.
+
+Each objective maps (model, params, batch, rng) to named terms `(sum, count)`;
+`make_loss_fn` turns them into `(params, batch, rng) -> (loss, metrics)` where
+the loss is the sum over terms of sum / count. `reduce_count` lets a pmapped
+step divide local sums by the global count, so pmap and mesh steps compute
+the same loss and the same gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from gptjax import batch_spec
+
+Array = jax.Array
+Terms = dict[str, tuple[Array, Array]]
+
+
+def cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array):
+  """Weighted token cross-entropy in float32: (sum of losses, sum of weights, correct count)."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  w = weights_BxL.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets_BxL).astype(jnp.float32) * w
+  return jnp.sum((log_z - target_logit) * w), jnp.sum(w), jnp.sum(correct)
+
+
+def _apply(model, params, rng, deterministic, **kwargs):
+  rngs = None if deterministic else {"dropout": rng}
+  return model.apply({"params": params}, **kwargs, deterministic=deterministic, rngs=rngs)
+
+
+def _token_terms(prefix: str, logits, targets, weights) -> Terms:
+  loss_sum, count, correct = cross_entropy(logits, targets, weights)
+  return {f"{prefix}_loss": (loss_sum, count), f"{prefix}_accuracy": (correct, count)}
+
+
+def next_token(model, params, batch, rng, deterministic) -> Terms:
+  """Causal LM on packed sequences; segments never attend across documents."""
+  out = _apply(model, params, rng, deterministic, inputs=batch["inputs"],
+               positions=batch["positions"], segment_ids=batch["segment_ids"],
+               input_mask=batch["segment_ids"] > 0)
+  return _token_terms("lm", out["logits"], batch["targets"], batch["weights"])
+
+
+def prefix_lm(model, params, batch, rng, deterministic) -> Terms:
+  """Bidirectional attention over the prefix, loss on the suffix only."""
+  out = _apply(model, params, rng, deterministic, inputs=batch["inputs"],
+               prefix_mask=batch["prefix_mask"], input_mask=batch["input_mask"])
+  return _token_terms("lm", out["logits"], batch["targets"], batch["weights"])
+
+
+def _encoder(model, params, batch, rng, deterministic):
+  return _apply(model, params, rng, deterministic, inputs=batch["inputs"],
+                input_mask=batch["input_mask"], token_type_ids=batch["token_type_ids"])
+
+
+def _pair_terms(out, batch, name: str) -> Terms:
+  labels = batch["pair_labels"]
+  w = batch["pair_weights"].astype(jnp.float32)
+  logits = out["nsp_logits"].astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * w
+  return {f"{name}_loss": (jnp.sum(nll * w), jnp.sum(w)),
+          f"{name}_accuracy": (jnp.sum(correct), jnp.sum(w))}
+
+
+def mlm(model, params, batch, rng, deterministic) -> Terms:
+  """Masked LM on the chosen positions."""
+  out = _encoder(model, params, batch, rng, deterministic)
+  return _token_terms("mlm", out["mlm_logits"], batch["targets"], batch["weights"])
+
+
+def nsp(model, params, batch, rng, deterministic) -> Terms:
+  """Next-sentence prediction from the pooled first token."""
+  return _pair_terms(_encoder(model, params, batch, rng, deterministic), batch, "nsp")
+
+
+def sop(model, params, batch, rng, deterministic) -> Terms:
+  """Sentence-order prediction (ALBERT) through the same pair head."""
+  return _pair_terms(_encoder(model, params, batch, rng, deterministic), batch, "sop")
+
+
+def mlm_nsp(model, params, batch, rng, deterministic) -> Terms:
+  """BERT pre-training: masked LM plus next-sentence prediction in one forward pass."""
+  out = _encoder(model, params, batch, rng, deterministic)
+  terms = _token_terms("mlm", out["mlm_logits"], batch["targets"], batch["weights"])
+  terms.update(_pair_terms(out, batch, "nsp"))
+  return terms
+
+
+def seq2seq(model, params, batch, rng, deterministic) -> Terms:
+  """Encoder-decoder token loss: T5 span corruption and BART denoising share it."""
+  out = _apply(model, params, rng, deterministic, enc_inputs=batch["enc_inputs"],
+               enc_mask=batch["enc_mask"], dec_inputs=batch["dec_inputs"])
+  return _token_terms("span", out["logits"], batch["dec_targets"], batch["dec_weights"])
+
+
+def classification(model, params, batch, rng, deterministic) -> Terms:
+  """Sequence classification through the family's pooled representation."""
+  family = model.cfg.family
+  if family == "encoder_only":
+    out = _encoder(model, params, batch, rng, deterministic)
+  elif family == "decoder_only":
+    out = _apply(model, params, rng, deterministic, inputs=batch["inputs"],
+                 input_mask=batch["input_mask"])
+  else:
+    start = jnp.zeros((batch["inputs"].shape[0], 1), jnp.int32)
+    out = _apply(model, params, rng, deterministic, enc_inputs=batch["inputs"],
+                 enc_mask=batch["input_mask"], dec_inputs=start)
+  logits = out["class_logits"].astype(jnp.float32)
+  labels, w = batch["labels"], batch["label_weights"].astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * w
+  return {"class_loss": (jnp.sum(nll * w), jnp.sum(w)),
+          "class_accuracy": (jnp.sum(correct), jnp.sum(w))}
+
+
+OBJECTIVES: dict[str, Callable[..., Terms]] = {
+    "next_token": next_token,
+    "prefix_lm": prefix_lm,
+    "mlm": mlm,
+    "nsp": nsp,
+    "sop": sop,
+    "mlm_nsp": mlm_nsp,
+    "span_corruption": seq2seq,
+    "denoise": seq2seq,
+    "classification": classification,
+}
+assert set(OBJECTIVES) == set(batch_spec.TOKEN_KEYS)
+
+
+def make_loss_fn(objective: str, model, *, deterministic: bool = False,
+                 reduce_count: Callable[[Array], Array] = lambda x: x):
+  """(params, batch, rng) -> (loss, metrics); metrics hold (sum, count) pairs per term."""
+  terms_fn = OBJECTIVES[objective]
+
+  def loss_fn(params, batch, rng):
+    terms = terms_fn(model, params, batch, rng, deterministic)
+    loss = 0.0
+    for name, (total, count) in terms.items():
+      if name.endswith("_loss"):
+        loss = loss + total / jnp.maximum(reduce_count(count), 1.0)
+    return loss, terms
+
+  return loss_fn
+
+
+def finalize(terms: Terms) -> dict[str, float]:
+  """Turns accumulated (sum, count) terms into means; adds `loss` and perplexities."""
+  out = {}
+  total = 0.0
+  for name, (s, c) in terms.items():
+    value = float(s) / max(float(c), 1.0)
+    out[name] = value
+    if name.endswith("_loss"):
+      total += value
+  out["loss"] = total
+  for lm_name in ("lm_loss", "span_loss", "mlm_loss"):
+    if lm_name in out:
+      out[lm_name.replace("_loss", "_perplexity")] = float(jnp.exp(min(out[lm_name], 50.0)))
+  return out

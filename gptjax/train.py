@@ -1,0 +1,320 @@
+"""The train loop: `run.py --mode=train` (and `--mode=eval`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import flax.jax_utils
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from gptjax import (checkpointing, flops, models, objectives, run_records, sharding,
+                    train_step)
+from gptjax.config_schema import ConfigError
+from gptjax.layers import ModelConfig
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss became NaN or Inf."""
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received: Optional[str] = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _target_len(config) -> int:
+  return (config.data.target_len or config.data.seq_len) \
+      if config.model.family == "encoder_decoder" else 0
+
+
+def _iterator_state_to_json(it) -> str:
+  state = it.get_state()
+  return state.decode() if isinstance(state, bytes) else json.dumps(state)
+
+
+def _iterator_state_from_json(it, text: str) -> None:
+  current = it.get_state()
+  it.set_state(text.encode() if isinstance(current, bytes) else json.loads(text))
+
+
+def _fetch(metrics) -> dict[str, Any]:
+  """Device metrics -> host floats (the one host sync per logged step)."""
+  metrics = jax.device_get(metrics)
+  if isinstance(metrics["loss"], np.ndarray) and metrics["loss"].ndim == 1:  # pmap: take replica 0
+    metrics = jax.tree.map(lambda x: x[0], metrics)
+  out = objectives.finalize(metrics["terms"])
+  out["loss"] = float(metrics["loss"])
+  out["grad_norm"] = float(metrics["grad_norm"])
+  return out
+
+
+def _load_init_params(config, cfg: ModelConfig, abstract_params) -> Any:
+  """Parameters named by `config.init_from`: a gptjax workdir or `hf:DIR`."""
+  source = config.init_from
+  if source.startswith("hf:"):
+    from gptjax import hf_import  # pylint: disable=g-import-not-at-top
+    return hf_import.load_init_params(source, cfg, abstract_params)
+  if not os.path.isdir(checkpointing.checkpoint_dir(source)):
+    raise ConfigError(f"config.init_from={source!r} has no checkpoints/ folder; give a gptjax "
+                      "workdir or hf:DIR")
+  _, params, _ = checkpointing.restore_for_inference(source)
+  params = jax.device_get(params)
+  return _graft(abstract_params, params, source)
+
+
+def _graft(abstract, given, source: str):
+  """Takes every parameter the target shares with `given`; new heads keep their fresh init."""
+  flat_given = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(given)[0]}
+  shared = 0
+
+  def pick(path, leaf):
+    nonlocal shared
+    name = jax.tree_util.keystr(path)
+    if name in flat_given:
+      if tuple(flat_given[name].shape) != tuple(leaf.shape):
+        raise ConfigError(f"config.init_from={source!r}: parameter {name} has shape "
+                          f"{tuple(flat_given[name].shape)} but config.model needs "
+                          f"{tuple(leaf.shape)}; make the model config match the checkpoint")
+      shared += 1
+      return flat_given[name]
+    return None
+
+  picked = jax.tree_util.tree_map_with_path(pick, abstract)
+  if shared == 0:
+    raise ConfigError(f"config.init_from={source!r} shares no parameter with config.model")
+  return picked
+
+
+# ============================================================================ setup
+def setup(config, workdir: str):
+  """Everything before the first step: devices, tokenizer, data, model, optimizer, state."""
+  from gptjax import input_pipeline, tokenization  # pylint: disable=g-import-not-at-top
+  sharding.initialize_distributed(config.parallelism)
+  cfg = ModelConfig.from_config(config.model)
+  pmap = config.parallelism.mode == "pmap"
+  mesh = sharding.make_mesh(config.parallelism)
+  sharding.check_batch_divides(config.data.batch_size, mesh, config.train.grad_accum)
+  if pmap and config.data.batch_size % (jax.device_count() * config.train.grad_accum):
+    raise ConfigError(f"config.data.batch_size={config.data.batch_size} does not divide over "
+                      f"{jax.device_count()} devices for parallelism.mode='pmap'")
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = tokenization.load_or_train_tokenizer(config, workdir)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.model.vocab_size="
+                      f"{cfg.vocab_size}; raise vocab_size or lower config.data.tokenizer.vocab_size")
+  model = models.make_model(cfg)
+  tx = train_step.make_optimizer(config.train)
+  return cfg, model, tx, mesh, tokenizer, input_pipeline
+
+
+# ============================================================================ train
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
+  cfg, model, tx, mesh, tokenizer, input_pipeline = setup(config, workdir)
+  pmap = config.parallelism.mode == "pmap"
+  is_main = jax.process_index() == 0
+  seq_len, target_len = config.data.seq_len, _target_len(config)
+
+  # ---------------------------------------------------------------- state
+  ckpt = checkpointing.Checkpointer(workdir, config.train.keep, config.train.best_metric)
+  given_params = None
+  abstract = train_step.abstract_state(cfg, tx, seq_len, target_len)
+  if not ckpt.steps() and config.init_from:
+    given_params = _load_init_params(config, cfg, nn.meta.unbox(abstract).params)
+  state, state_shardings = train_step.create_state(cfg, tx, config.seed, mesh, config.parallelism,
+                                                   seq_len, target_len, given_params)
+  train_iter = input_pipeline.make_train_iterator(config, tokenizer)
+  start_step = 0
+  if ckpt.steps():
+    restored = ckpt.restore(state)
+    if restored is not None:
+      start_step, state, meta = restored
+      _iterator_state_from_json(train_iter, meta["data_state"])
+      if is_main:
+        print(f"resumed from {checkpointing.checkpoint_dir(workdir)} at step {start_step}",
+              flush=True)
+  data_fp = getattr(input_pipeline, "data_fingerprint", lambda c: "")(config)
+  if is_main:
+    run_records.write_manifest(workdir, config, {
+        "tokenizer_fingerprint": tokenizer.fingerprint, "data_fingerprint": data_fp,
+        "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+        "resumed_from_step": start_step})
+
+  if pmap:
+    state = flax.jax_utils.replicate(jax.device_get(state))
+    step_fn = train_step.make_pmap_train_step(model, config.objective, tx, config.seed,
+                                              config.train.grad_accum)
+    to_device = lambda b: train_step.shard_for_pmap(b)
+  else:
+    step_fn = train_step.make_mesh_train_step(model, config.objective, tx, config.seed,
+                                              config.train.grad_accum, mesh, state_shardings)
+    to_device = lambda b: sharding.global_batch(b, mesh)
+  eval_step = train_step.make_eval_step(model, config.objective)
+  eval_batches = None
+
+  def host_state():
+    return flax.jax_utils.unreplicate(state) if pmap else state
+
+  def evaluate() -> dict[str, float]:
+    nonlocal eval_batches
+    if eval_batches is None:
+      eval_batches = input_pipeline.make_eval_batches(config, tokenizer, "validation",
+                                                      max_batches=config.train.eval_steps)
+    params = host_state().params
+    total = None
+    for b in eval_batches:
+      terms = eval_step(params, b if pmap else sharding.global_batch(b, mesh))
+      total = terms if total is None else jax.tree.map(jnp.add, total, terms)
+    return {f"eval_{k}": v for k, v in objectives.finalize(jax.device_get(total)).items()}
+
+  def save(step: int, metrics: Optional[dict] = None, force: bool = False):
+    meta = {"config": config.to_json_best_effort(), "data_state": _iterator_state_to_json(train_iter),
+            "tokenizer": tokenizer.to_json(), "step": step, "metrics": metrics or {}}
+    ckpt.save(step, host_state(), meta, metrics=metrics, force=force)
+
+  # ---------------------------------------------------------------- loop
+  writer = run_records.MetricsWriter(workdir, start_step, enabled=is_main)
+  flops_per_step = flops.train_flops_per_example(cfg, seq_len, target_len, config.objective) \
+      * config.data.batch_size
+  tokens_per_step = config.data.batch_size * (seq_len + target_len)
+  peak = flops.measure_matmul_peak(jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+                                   n=1024, repeats=3)
+  steps = config.train.steps
+  bar = tqdm.tqdm(total=steps, initial=start_step, disable=not (is_main and config.train.progress),
+                  dynamic_ncols=True, desc=f"{config.name}:{config.variant}", file=sys.stdout)
+  pending = None  # (step, device metrics) fetched one step late
+  last_time, last_step = time.perf_counter(), start_step
+  last_good_ckpt = ckpt.steps()[-1] if ckpt.steps() else None
+  final_metrics: dict[str, float] = {}
+
+  def drain(pending_item) -> dict[str, float]:
+    nonlocal last_time, last_step
+    step_done, device_metrics = pending_item
+    m = _fetch(device_metrics)
+    if not math.isfinite(m["loss"]):
+      raise NonFiniteLoss(
+          f"loss is {m['loss']} at step {step_done}; the run stopped and the last good checkpoint "
+          f"(step {last_good_ckpt}) is intact: lower config.train.learning_rate or check the data")
+    now = time.perf_counter()
+    dt = max(now - last_time, 1e-9)
+    rate_steps = (step_done - last_step) / dt
+    m["tokens_per_sec"] = rate_steps * tokens_per_step
+    m["mfu"] = rate_steps * flops_per_step / (peak * jax.device_count())
+    m["learning_rate"] = float(train_step.learning_rate_schedule(config.train)(step_done - 1))
+    last_time, last_step = now, step_done
+    return m
+
+  with _StopSignal() as stop, mesh:
+    try:
+      for step in range(start_step + 1, steps + 1):
+        batch = to_device(next(train_iter))
+        state, metrics = step_fn(state, batch)
+        log_now = step % config.train.log_every == 0 or step == steps
+        if pending is not None:
+          m = drain(pending)
+          pending = None
+          if m is not None and pending_log:
+            writer.write(pending_step, m)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}",
+                            mfu=f"{100 * m['mfu']:.0f}%", refresh=False)
+            final_metrics.update(m)
+        pending, pending_log, pending_step = (step, metrics), log_now, step
+        bar.update(1)
+        eval_now = config.train.eval_every and (step % config.train.eval_every == 0 or step == steps)
+        ckpt_now = step % config.train.ckpt_every == 0 or step == steps or stop.received
+        if eval_now or ckpt_now:
+          m = drain(pending)
+          if pending_log:
+            writer.write(step, m)
+            final_metrics.update(m)
+          pending = None
+          eval_metrics = evaluate() if eval_now else None
+          if eval_metrics:
+            writer.write(step, eval_metrics)
+            final_metrics.update(eval_metrics)
+            bar.write(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+          save(step, eval_metrics, force=True)
+          last_good_ckpt = step
+        if stop.received:
+          ckpt.wait()
+          bar.write(f"received {stop.received}: saved checkpoint at step {step}; rerun the same "
+                    "command to continue")
+          break
+      if pending is not None:
+        m = drain(pending)
+        if pending_log:
+          writer.write(pending_step, m)
+    except NonFiniteLoss:
+      ckpt.wait()
+      raise
+    finally:
+      bar.close()
+      ckpt.close()
+      writer.close()
+  final_metrics["step"] = int(jax.device_get(host_state().step))
+  return final_metrics
+
+
+# ============================================================================ entry points
+def main(config, workdir: str, flag_values) -> None:
+  """`run.py --mode=train`: trains, then prints the final metrics (and a sample for decoders)."""
+  del flag_values
+  try:
+    metrics = train_and_evaluate(config, workdir)
+  except NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  if jax.process_index() == 0:
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    print(f"done: step {metrics.get('step')}  " + "  ".join(f"{k}={v}" for k, v in shown.items()))
+    if config.model.family == "decoder_only" and config.objective == "next_token":
+      try:
+        from gptjax import generate_cli  # pylint: disable=g-import-not-at-top
+        generate_cli.print_training_sample(config, workdir)
+      except (ImportError, AttributeError):
+        pass
+
+
+def evaluate_main(config, workdir: str, flag_values) -> None:
+  """`run.py --mode=eval`: eval metrics of the latest checkpoint on the validation split."""
+  del flag_values
+  from gptjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  saved_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
+  model = models.make_model(ModelConfig.from_config(saved_config.model))
+  eval_step = train_step.make_eval_step(model, saved_config.objective)
+  total = None
+  for b in input_pipeline.make_eval_batches(saved_config, tokenizer, "validation",
+                                            max_batches=config.train.eval_steps):
+    terms = eval_step(params, b)
+    total = terms if total is None else jax.tree.map(jnp.add, total, terms)
+  for k, v in objectives.finalize(jax.device_get(total)).items():
+    print(f"{k}={v:.4f}")
