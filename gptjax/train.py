@@ -233,7 +233,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     last_time, last_step = now, step_done
     return m
 
-  with _StopSignal() as stop, mesh:
+  with _StopSignal() as stop, jax.set_mesh(mesh):
     try:
       for step in range(start_step + 1, steps + 1):
         batch = to_device(next(train_iter))

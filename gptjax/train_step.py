@@ -80,7 +80,7 @@ def create_state(cfg: ModelConfig, tx, seed: int, mesh: Mesh, parallelism, seq_l
     p = nn.meta.unbox(p) if given is None else given
     return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
-  with mesh:
+  with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed), params)
   return state, shardings
 

@@ -60,7 +60,7 @@ def main():
   else:
     step = train_step.make_mesh_train_step(model, "next_token", tx, 0, 1, mesh, shardings)
     n, i = jax.process_count(), jax.process_index()
-    with mesh:
+    with jax.set_mesh(mesh):
       for b in real_text_batches():
         local = {k: v[i * B // n:(i + 1) * B // n] for k, v in b.items()}
         state, m = step(state, sharding.global_batch(local, mesh))

@@ -1,0 +1,159 @@
+"""Train-step throughput and MFU per family and variant, against a matmul peak measured in this run.
+
+  python experiments/throughput.py --families=gpt,bert,t5 --variants=small,base
+  python experiments/throughput.py --families=gpt --variants=gpt2_124m_t128 --batch_size=4
+
+Speed does not depend on token values, so batches are random ids in the exact layout each
+objective's pipeline produces (gptjax/batch_spec.py). MFU = model FLOPs/s (6N + attention,
+encoder and decoder counted separately) / the float32 (or bfloat16) matmul peak measured here.
+"""
+
+import importlib.util
+import json
+import pathlib
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gptjax import flops, models, sharding, train_step  # pylint: disable=g-import-not-at-top
+from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("families", ["gpt", "bert", "t5"], "Config files under configs/.")
+flags.DEFINE_list("variants", ["small", "base"], "Variants; gpt2_124m_t128 is GPT-2 base at T=128.")
+flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
+flags.DEFINE_integer("batch_size", 0, "Override the config's batch size (0: keep).")
+flags.DEFINE_integer("seq_len", 0, "Override the config's sequence length (0: keep).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_string("attention_impl", "", "einsum | dot_product (empty: config default).")
+flags.DEFINE_bool("scan_layers", False, "Scan over layers.")
+flags.DEFINE_string("output", "", "Append JSON lines of results to this file.")
+
+# Named shapes from the performance issue.
+SPECIAL = {"gpt2_124m_t128": ("base", dict(seq_len=128, batch_size=4))}
+
+
+def load_config(family: str, variant: str):
+  spec = importlib.util.spec_from_file_location(f"cfg_{family}", REPO / "configs" / f"{family}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  base_variant, data = SPECIAL.get(variant, (variant, {}))
+  c = module.get_config(base_variant)
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def synthetic_batch(config, rng: np.random.Generator) -> dict:
+  """Random ids in the objective's batch layout."""
+  b, l = config.data.batch_size, config.data.seq_len
+  t = config.data.target_len or l
+  v = config.model.vocab_size
+  ids = lambda *shape: rng.integers(5, v, size=shape, dtype=np.int32)
+  ones = lambda *shape: np.ones(shape, np.float32)
+  obj = config.objective
+  if obj in ("next_token",):
+    return {"inputs": ids(b, l), "targets": ids(b, l), "weights": ones(b, l),
+            "segment_ids": np.ones((b, l), np.int32), "positions": np.tile(np.arange(l), (b, 1))}
+  if obj in ("mlm", "mlm_nsp", "nsp", "sop"):
+    w = (rng.random((b, l)) < 0.15).astype(np.float32)
+    return {"inputs": ids(b, l), "targets": ids(b, l), "weights": w,
+            "input_mask": np.ones((b, l), np.int32), "token_type_ids": np.zeros((b, l), np.int32),
+            "pair_labels": rng.integers(0, 2, size=(b,), dtype=np.int32), "pair_weights": ones(b)}
+  return {"enc_inputs": ids(b, l), "enc_mask": np.ones((b, l), np.int32), "dec_inputs": ids(b, t),
+          "dec_targets": ids(b, t), "dec_weights": ones(b, t)}
+
+
+def peak_memory_bytes() -> int:
+  """Peak device memory on accelerators; peak resident memory of this process on CPU."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(family: str, variant: str, peak: float) -> dict:
+  """Compile time, tokens/s and MFU of the train step of one config."""
+  c = load_config(family, variant)
+  if FLAGS.batch_size:
+    c.data.batch_size = FLAGS.batch_size
+  if FLAGS.seq_len:
+    c.data.seq_len = FLAGS.seq_len
+  c.model.dtype = FLAGS.dtype
+  c.model.dropout_rate = 0.0
+  c.model.attention_dropout_rate = 0.0
+  c.model.scan_layers = FLAGS.scan_layers
+  if FLAGS.attention_impl:
+    c.model.attention_impl = FLAGS.attention_impl
+  cfg = ModelConfig.from_config(c.model)
+  target_len = (c.data.target_len or c.data.seq_len) if cfg.family == "encoder_decoder" else 0
+  tx = train_step.make_optimizer(c.train)
+  mesh = sharding.make_mesh(c.parallelism)
+  state, shardings = train_step.create_state(cfg, tx, 0, mesh, c.parallelism, c.data.seq_len,
+                                             target_len)
+  step = train_step.make_mesh_train_step(models.make_model(cfg), c.objective, tx, 0, 1, mesh,
+                                         shardings)
+  rng = np.random.default_rng(0)
+  batches = [sharding.global_batch(synthetic_batch(c, rng), mesh) for _ in range(2)]
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    state, m = step(state, batches[0])
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t0
+    state, m = step(state, batches[1])
+    jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    for i in range(FLAGS.steps):
+      state, m = step(state, batches[i % 2])
+    jax.block_until_ready(m["loss"])
+    dt = (time.perf_counter() - t0) / FLAGS.steps
+  b, l = c.data.batch_size, c.data.seq_len
+  tokens = b * (l + target_len)
+  flop = flops.train_flops_per_example(cfg, l, target_len, c.objective) * b
+  n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+  return {"family": family, "variant": variant, "params": n_params, "batch": b, "seq_len": l,
+          "target_len": target_len, "dtype": FLAGS.dtype, "step_s": dt, "tokens_per_s": tokens / dt,
+          "tflops_per_s": flop / dt / 1e12, "mfu": flop / dt / (peak * jax.device_count()),
+          "compile_s": compile_s, "peak_mem_gb": peak_memory_bytes() / 2 ** 30}
+
+
+def main(argv):
+  del argv
+  dt = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+  n = 4096 if jax.default_backend() != "cpu" else 2048
+  peak = flops.measure_matmul_peak(dt, n=n)
+  peak32 = peak if FLAGS.dtype == "float32" else flops.measure_matmul_peak(jnp.float32, n=n)
+  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+  print(f"device: {device}")
+  print(f"matmul peak ({n}x{n}): float32 {peak32 / 1e12:.3f} TFLOP/s; {FLAGS.dtype} "
+        f"{peak / 1e12:.3f} TFLOP/s")
+  rows = []
+  for family in FLAGS.families:
+    for variant in FLAGS.variants:
+      r = measure(family, variant, peak)
+      rows.append(r)
+      print(f"{family}:{variant}  {r['tokens_per_s']:.0f} tok/s  MFU {100 * r['mfu']:.1f}%  "
+            f"compile {r['compile_s']:.1f}s  step {1000 * r['step_s']:.0f}ms", flush=True)
+      if FLAGS.output:
+        with open(FLAGS.output, "a") as f:
+          f.write(json.dumps({"device": device, "peak_flops": peak, **r}) + "\n")
+  print("\n| model | params | batch x T | tokens/s | MFU | compile s | peak mem GiB |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    shape = f"{r['batch']} x {r['seq_len']}" + (f"+{r['target_len']}" if r["target_len"] else "")
+    print(f"| {r['family']}:{r['variant']} | {r['params'] / 1e6:.1f}M | {shape} | "
+          f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {r['compile_s']:.1f} | "
+          f"{r['peak_mem_gb']:.2f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
