@@ -50,6 +50,24 @@ def _activation(name: str, where: str) -> str:
   return table[name]
 
 
+def _t5_head(hf_dir: str, c: dict) -> tuple[bool, bool]:
+  """(tied, scaled) for T5: v1.0 ties and scales logits by d**-0.5, v1.1 neither.
+
+  transformers>=5 writes `scale_decoder_outputs` and always ties; older versions
+  wrote `tie_word_embeddings=false` and a separate `lm_head.weight`.
+  """
+  scale = c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True) is not False)
+  tie = True
+  st = os.path.join(hf_dir, "model.safetensors")
+  if os.path.isfile(st):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(st, framework="np") as f:
+      keys = set(f.keys())
+      if "lm_head.weight" in keys and "shared.weight" in keys:
+        tie = bool(np.array_equal(f.get_tensor("lm_head.weight"), f.get_tensor("shared.weight")))
+  return tie, scale
+
+
 def model_overrides(hf_dir: str) -> dict:
   """The `config.model` field values that reproduce the checkpoint in `hf_dir`."""
   c = _read_config(hf_dir)
@@ -82,7 +100,7 @@ def model_overrides(hf_dir: str) -> dict:
     acts = {"relu": "relu", "gated-gelu": "gated_gelu", "gated-silu": "swiglu"}
     if proj not in acts:
       raise ConfigError(f"{where}: feed_forward_proj={proj!r} unsupported ({', '.join(acts)})")
-    tie = c.get("tie_word_embeddings", True)
+    tie, scale = _t5_head(hf_dir, c)
     return dict(family="encoder_decoder", vocab_size=c["vocab_size"], embed_dim=c["d_model"],
                 num_heads=c["num_heads"], head_dim=c["d_kv"], mlp_dim=c["d_ff"],
                 num_layers=c["num_layers"],
@@ -91,7 +109,8 @@ def model_overrides(hf_dir: str) -> dict:
                 relative_max_distance=c.get("relative_attention_max_distance", 128),
                 norm="rmsnorm", norm_position="pre", final_norm=True, embed_norm=False,
                 norm_eps=c.get("layer_norm_epsilon", 1e-6), activation=acts[proj], use_bias=False,
-                scale_attention=False, tie_embeddings=tie, scale_tied_logits=tie, init_std=1.0)
+                scale_attention=False, tie_embeddings=tie, scale_tied_logits=tie and scale,
+                init_std=1.0)
   if kind == "bart":
     if (c["encoder_attention_heads"] != c["decoder_attention_heads"]
         or c["encoder_ffn_dim"] != c["decoder_ffn_dim"]):
@@ -255,6 +274,8 @@ def _t5(t: _Tensors, cfg: ModelConfig) -> dict:
        "decoder": stack("decoder", cfg.decoder_layers, True)}
   if not cfg.tie_embeddings:
     p["lm_head"] = _dense(t, "lm_head", bias=False)
+    if _t5_head(t.dir, _read_config(t.dir))[1]:  # untied yet scaled: fold d**-0.5 into the head
+      p["lm_head"]["kernel"] = p["lm_head"]["kernel"] * np.float32(cfg.embed_dim ** -0.5)
   return p
 
 
