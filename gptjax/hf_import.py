@@ -371,7 +371,8 @@ def load_init_params(init_from: str, cfg: ModelConfig, target_params_shapes) -> 
   `target_params_shapes` is the model's param tree (arrays, boxed or not, or
   jax.ShapeDtypeStruct). Head parameters the checkpoint lacks (a new classifier,
   pooler, ...) keep the target's values, or are freshly initialised when only
-  shapes are given. Raises ConfigError (one line) on an unsupported layout, an
+  shapes are given. A learned position table longer than config.model.max_len
+  (plus offset) is cut to its first rows. Raises ConfigError (one line) on an unsupported layout, an
   architecture that disagrees with `cfg`, a missing tensor or a shape mismatch.
   """
   if not init_from.startswith("hf:"):
@@ -396,6 +397,10 @@ def load_init_params(init_from: str, cfg: ModelConfig, target_params_shapes) -> 
         out[path] = np.asarray(ref) if hasattr(ref, "__array__") else _fresh(path, shape)
         continue
       raise ConfigError(f"init_from={init_from}: the checkpoint has no tensor for param {path!r}")
+    value = loaded[path]
+    if path.endswith("pos_embed/embedding") and value.shape[1:] == shape[1:] and \
+        value.shape[0] > shape[0]:  # a shorter config.model.max_len keeps the first rows
+      loaded[path] = value[:shape[0]]
     if tuple(loaded[path].shape) != shape:
       raise ConfigError(f"init_from={init_from}: shape mismatch for {path!r}: checkpoint "
                         f"{tuple(loaded[path].shape)} vs config {shape}")

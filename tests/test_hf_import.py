@@ -186,6 +186,11 @@ def test_init_from_checks_shapes_and_keeps_new_heads(gpt2_dir):
                                       target)
   np.testing.assert_array_equal(params["classifier"]["kernel"],
                                 nn.meta.unbox(target)["classifier"]["kernel"])
+  short = dataclasses.replace(cfg, num_classes=3, max_len=8)
+  shapes = jax.eval_shape(lambda: models.init_params(short, jax.random.key(0)))
+  params = hf_import.load_init_params(f"hf:{gpt2_dir}", short, shapes)
+  assert params["decoder"]["pos_embed"]["embedding"].shape == (8, 16)
+  assert params["classifier"]["kernel"].shape == (16, 3) and params["classifier"]["kernel"].std() > 0
   wide = dataclasses.replace(cfg, mlp_dim=2 * cfg.mlp_dim)
   shapes = jax.eval_shape(lambda: models.init_params(wide, jax.random.key(0)))
   with pytest.raises(ConfigError) as e:
