@@ -95,9 +95,8 @@ def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
 
 def restore_for_inference(workdir: str):
   """(config, params, tokenizer) from the latest checkpoint of `workdir`, params unsharded float32."""
-  from gptjax import tokenization, train_step  # pylint: disable=g-import-not-at-top
+  from gptjax import finetune_state, tokenization  # pylint: disable=g-import-not-at-top
   from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(checkpoint_dir(workdir)) or not os.listdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f"no checkpoint in {workdir}; train first with --mode=train "
                             f"--workdir={workdir}")
@@ -116,15 +115,14 @@ def restore_for_inference(workdir: str):
     raise FileNotFoundError(f"no readable checkpoint in {workdir}")
   config = config_from_meta(meta)
   cfg = ModelConfig.from_config(config.model)
-  tx = train_step.make_optimizer(config.train)
   target_len = config.data.target_len if cfg.family == "encoder_decoder" else 0
-  abstract = nn.meta.unbox(train_step.abstract_state(cfg, tx, 8, target_len or 8))
+  abstract, _ = finetune_state.abstract_state(config, cfg, 8, target_len or 8)
   result = None
   for s in reversed(steps):
     try:
       restored = ckpt.manager.restore(s, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))
-      result = restored["state"].params
+      result = finetune_state.merged_params(config, restored["state"].params)
       break
     except Exception as e:  # pylint: disable=broad-except
       print(f"warning: checkpoint at step {s} is unreadable ({type(e).__name__}); trying the "

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gptjax import (checkpointing, flops, models, objectives, run_records, sharding,
-                    train_step)
+from gptjax import (checkpointing, finetune_state, flops, models, objectives, run_records,
+                    sharding, train_step)
 from gptjax.config_schema import ConfigError
 from gptjax.layers import ModelConfig
 
@@ -88,10 +88,13 @@ def _load_init_params(config, cfg: ModelConfig, abstract_params) -> Any:
                       "workdir or hf:DIR")
   _, params, _ = checkpointing.restore_for_inference(source)
   params = jax.device_get(params)
-  return _graft(abstract_params, params, source)
+  fresh = jax.device_get(jax.jit(lambda: nn.meta.unbox(models.init_params(
+      cfg, jax.random.key(config.seed), 1, config.data.seq_len, _target_len(config))))())
+  del abstract_params
+  return _graft(fresh, params, source)
 
 
-def _graft(abstract, given, source: str):
+def _graft(fresh, given, source: str):
   """Takes every parameter the target shares with `given`; new heads keep their fresh init."""
   flat_given = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(given)[0]}
   shared = 0
@@ -106,9 +109,9 @@ def _graft(abstract, given, source: str):
                           f"{tuple(leaf.shape)}; make the model config match the checkpoint")
       shared += 1
       return flat_given[name]
-    return None
+    return leaf
 
-  picked = jax.tree_util.tree_map_with_path(pick, abstract)
+  picked = jax.tree_util.tree_map_with_path(pick, fresh)
   if shared == 0:
     raise ConfigError(f"config.init_from={source!r} shares no parameter with config.model")
   return picked
@@ -131,15 +134,36 @@ def setup(config, workdir: str):
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.model.vocab_size="
                       f"{cfg.vocab_size}; raise vocab_size or lower config.data.tokenizer.vocab_size")
+  return cfg, mesh, tokenizer, input_pipeline
+
+
+def initial_state(config, cfg: ModelConfig, mesh, given_params=None):
+  """(state, state shardings, optimizer, model for the losses) before any checkpoint is restored."""
+  seq_len, target_len = config.data.seq_len, _target_len(config)
   model = models.make_model(cfg)
-  tx = train_step.make_optimizer(config.train)
-  return cfg, model, tx, mesh, tokenizer, input_pipeline
+  abstract, tx = finetune_state.abstract_state(config, cfg, seq_len, target_len)
+  if not finetune_state.uses_lora(config):
+    state, shardings = train_step.create_state(cfg, tx, config.seed, mesh, config.parallelism,
+                                               seq_len, target_len, given_params)
+    return state, shardings, tx, model
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+
+  def init(rng, base):
+    if base is None:
+      base = nn.meta.unbox(models.init_params(cfg, rng, 1, seq_len, target_len))
+    params = finetune_state.add_lora(config, base, jax.random.fold_in(rng, 1))
+    return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params))
+
+  state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed), given_params)
+  return state, shardings, tx, finetune_state.LoraModel(model, config)
 
 
 # ============================================================================ train
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
-  cfg, model, tx, mesh, tokenizer, input_pipeline = setup(config, workdir)
+  cfg, mesh, tokenizer, input_pipeline = setup(config, workdir)
   pmap = config.parallelism.mode == "pmap"
   is_main = jax.process_index() == 0
   seq_len, target_len = config.data.seq_len, _target_len(config)
@@ -147,11 +171,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------- state
   ckpt = checkpointing.Checkpointer(workdir, config.train.keep, config.train.best_metric)
   given_params = None
-  abstract = train_step.abstract_state(cfg, tx, seq_len, target_len)
   if not ckpt.steps() and config.init_from:
-    given_params = _load_init_params(config, cfg, nn.meta.unbox(abstract).params)
-  state, state_shardings = train_step.create_state(cfg, tx, config.seed, mesh, config.parallelism,
-                                                   seq_len, target_len, given_params)
+    abstract_params = jax.eval_shape(lambda: nn.meta.unbox(
+        models.init_params(cfg, jax.random.key(0), 1, seq_len, target_len)))
+    given_params = _load_init_params(config, cfg, abstract_params)
+  state, state_shardings, tx, model = initial_state(config, cfg, mesh, given_params)
   train_iter = input_pipeline.make_train_iterator(config, tokenizer)
   start_step = 0
   if ckpt.steps():

@@ -1,0 +1,169 @@
+"""The train loop: metrics, exact resume (mesh and pmap), signals, NaN, corrupt checkpoints."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from gptjax import checkpointing, config_schema, train
+
+TINY = {"train.log_every": 1, "train.eval_every": 0, "train.progress": False}
+
+
+def _losses(workdir) -> dict[int, float]:
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if "loss" in r and "eval_loss" not in r:
+        out[r["step"]] = r["loss"]
+  return out
+
+
+def _params(workdir):
+  _, params, _ = checkpointing.restore_for_inference(str(workdir))
+  return jax.tree.leaves(jax.device_get(params))
+
+
+def _run_cli(workdir, *overrides, timeout=300):
+  cmd = [sys.executable, str(REPO / "run.py"), "--config=configs/gpt.py:tiny",
+         f"--workdir={workdir}", "--mode=train", "--config.train.progress=False", *overrides]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_writes_metrics_and_a_loadable_checkpoint(tmp_path):
+  result = _run_cli(tmp_path / "w", "--config.train.steps=20")
+  assert result.returncode == 0, result.stderr[-2000:]
+  losses = _losses(tmp_path / "w")
+  assert sorted(losses)[-1] == 20
+  assert losses[20] < losses[min(losses)]
+  records = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
+  assert all("tokens_per_sec" in r for r in records if "loss" in r and "eval_loss" not in r)
+  manifest = json.load(open(tmp_path / "w" / "manifest.json"))
+  for key in ("config", "git_commit", "versions", "devices", "data_fingerprint",
+              "tokenizer_fingerprint"):
+    assert key in manifest
+  assert any(p.name.startswith("events") for p in (tmp_path / "w" / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("mode", ["mesh", "pmap"])
+def test_ten_then_twenty_steps_equal_twenty_straight(tmp_path, mode):
+  base = dict(TINY, **{"train.decay_steps": 20, "train.ckpt_every": 10,
+                       "parallelism.mode": mode})
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(load_config("gpt", "tiny", **base, **{"train.steps": 20}), str(straight))
+  resumed = tmp_path / "resumed"
+  train.train_and_evaluate(load_config("gpt", "tiny", **base, **{"train.steps": 10}), str(resumed))
+  train.train_and_evaluate(load_config("gpt", "tiny", **base, **{"train.steps": 20}), str(resumed))
+  a, b = _losses(straight), _losses(resumed)
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  np.testing.assert_array_equal([a[s] for s in sorted(a)], [b[s] for s in sorted(b)])
+  for x, y in zip(_params(straight), _params(resumed)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_and_the_rerun_continues(tmp_path):
+  w = tmp_path / "w"
+  cmd = [sys.executable, str(REPO / "run.py"), "--config=configs/gpt.py:tiny", f"--workdir={w}",
+         "--mode=train", "--config.train.steps=100000", "--config.train.log_every=1",
+         "--config.train.progress=False", "--config.train.eval_every=0",
+         "--config.train.ckpt_every=100000"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if (w / "metrics.jsonl").exists() and len(_losses(w)) >= 5:
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-2000:]
+  assert "received SIGTERM" in out
+  steps = checkpointing.Checkpointer(str(w), read_only=True, async_save=False).steps()
+  assert steps and steps[-1] >= 5
+  result = _run_cli(w, f"--config.train.steps={steps[-1] + 3}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"resumed from" in result.stdout and f"at step {steps[-1]}" in result.stdout
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  w = tmp_path / "w"
+  assert _run_cli(w, "--config.train.steps=10", "--config.train.ckpt_every=10").returncode == 0
+  result = _run_cli(w, "--config.train.steps=40", "--config.train.learning_rate=1e30",
+                    "--config.train.grad_clip=0.0", "--config.train.warmup_steps=0",
+                    "--config.train.ckpt_every=40")
+  assert result.returncode == 3, result.stdout[-1000:] + result.stderr[-1000:]
+  line = [l for l in result.stderr.splitlines() if l.startswith("error:")][-1]
+  assert "loss is" in line and "step 10" in line
+  ckpt = checkpointing.Checkpointer(str(w), read_only=True, async_save=False)
+  assert ckpt.steps() == [10]
+  _, params, _ = checkpointing.restore_for_inference(str(w))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(params)))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+  w = tmp_path / "w"
+  config = load_config("gpt", "tiny", **TINY, **{"train.steps": 20, "train.ckpt_every": 10})
+  train.train_and_evaluate(config, str(w))
+  state_dir = w / "checkpoints" / "20" / "state"
+  for f in state_dir.rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"\x00garbage")
+  config = load_config("gpt", "tiny", **TINY, **{"train.steps": 25, "train.ckpt_every": 10})
+  metrics = train.train_and_evaluate(config, str(w))
+  assert metrics["step"] == 25
+  losses = _losses(w)
+  assert 11 in losses and 25 in losses
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"train.grad_accum": 3}, "config.data.batch_size=8 does not divide"),
+    ({"parallelism.data": 3}, "config.parallelism data*fsdp*tensor=3"),
+])
+def test_bad_parallel_settings_fail_before_compiling(tmp_path, overrides, needle):
+  config = load_config("gpt", "tiny", **TINY, **overrides)
+  with pytest.raises(config_schema.ConfigError) as e:
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_init_from_with_mismatched_shapes_is_one_line(tmp_path):
+  src = tmp_path / "src"
+  train.train_and_evaluate(load_config("gpt", "tiny", **TINY, **{"train.steps": 2}), str(src))
+  config = load_config("gpt", "tiny", **TINY, **{"train.steps": 2, "model.embed_dim": 32,
+                                                 "init_from": str(src)})
+  with pytest.raises(config_schema.ConfigError) as e:
+    train.train_and_evaluate(config, str(tmp_path / "dst"))
+  assert "init_from" in str(e.value) and "shape" in str(e.value)
+
+
+OBJECTIVE_RUNS = [
+    ("gpt", "next_token", {}), ("gpt", "prefix_lm", {}),
+    ("bert", "mlm", {}), ("bert", "nsp", {}), ("bert", "mlm_nsp", {}),
+    ("bert", "sop", {"data.sop": True}),
+    ("t5", "span_corruption", {}), ("bart", "denoise", {}),
+    ("bert", "classification", {"model.num_classes": 2, "data.corpus": "sst2"}),
+    ("gpt", "classification", {"model.num_classes": 2, "data.corpus": "sst2"}),
+]
+
+
+@pytest.mark.parametrize("family,objective,extra", OBJECTIVE_RUNS,
+                         ids=[f"{f}-{o}" for f, o, _ in OBJECTIVE_RUNS])
+def test_each_objective_trains_its_family(tmp_path, family, objective, extra):
+  overrides = dict(TINY, **{"objective": objective, "train.steps": 16, "train.learning_rate": 3e-3,
+                            "train.warmup_steps": 2, "train.ckpt_every": 1000,
+                            "model.dropout_rate": 0.0, "model.attention_dropout_rate": 0.0},
+                   **extra)
+  config = load_config(family, "tiny", **overrides)
+  train.train_and_evaluate(config, str(tmp_path / "w"))
+  losses = _losses(tmp_path / "w")
+  first = np.mean([losses[s] for s in sorted(losses)[:3]])
+  last = np.mean([losses[s] for s in sorted(losses)[-3:]])
+  assert last < first, losses
