@@ -328,17 +328,34 @@ def main(config, workdir: str, flag_values) -> None:
         pass
 
 
-def evaluate_main(config, workdir: str, flag_values) -> None:
-  """`run.py --mode=eval`: eval metrics of the latest checkpoint on the validation split."""
-  del flag_values
+def evaluate_params(config, params, tokenizer, split: str = "validation",
+                    max_batches: int = 0) -> dict[str, float]:
+  """Eval metrics (loss, perplexity, accuracies) of `params` on `split`, padded batches included."""
   from gptjax import input_pipeline  # pylint: disable=g-import-not-at-top
-  saved_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
-  model = models.make_model(ModelConfig.from_config(saved_config.model))
-  eval_step = train_step.make_eval_step(model, saved_config.objective)
+  model = models.make_model(ModelConfig.from_config(config.model))
+  eval_step = train_step.make_eval_step(model, config.objective)
   total = None
-  for b in input_pipeline.make_eval_batches(saved_config, tokenizer, "validation",
-                                            max_batches=config.train.eval_steps):
+  for b in input_pipeline.make_eval_batches(config, tokenizer, split,
+                                            max_batches=max_batches or None):
     terms = eval_step(params, b)
     total = terms if total is None else jax.tree.map(jnp.add, total, terms)
-  for k, v in objectives.finalize(jax.device_get(total)).items():
-    print(f"{k}={v:.4f}")
+  return objectives.finalize(jax.device_get(total))
+
+
+def evaluate_main(config, workdir: str, flag_values) -> None:
+  """`run.py --mode=eval`: metrics of the latest checkpoint; with --config.quantize=int8 also int8."""
+  del flag_values
+  saved_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
+  metrics = evaluate_params(saved_config, params, tokenizer, max_batches=config.train.eval_steps)
+  print("float32: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+  if config.quantize == "int8":
+    from gptjax import quantize  # pylint: disable=g-import-not-at-top
+    qtree = quantize.quantize_params(params)
+    report = quantize.memory_report(params, qtree)
+    q_metrics = evaluate_params(saved_config, quantize.dequantize(qtree), tokenizer,
+                                max_batches=config.train.eval_steps)
+    print("int8:    " + "  ".join(f"{k}={v:.4f}" for k, v in q_metrics.items()))
+    print(report["summary"])
+    print(f"int8 change: loss {q_metrics['loss'] - metrics['loss']:+.4f}")
+  elif config.quantize:
+    raise ConfigError(f"config.quantize={config.quantize!r} is not supported; allowed: '', 'int8'")
