@@ -72,6 +72,9 @@ def _fetch(metrics) -> dict[str, Any]:
   if isinstance(metrics["loss"], np.ndarray) and metrics["loss"].ndim == 1:  # pmap: take replica 0
     metrics = jax.tree.map(lambda x: x[0], metrics)
   out = objectives.finalize(metrics["terms"])
+  out["loss_tokens"] = float(sum(c for name, (_, c) in metrics["terms"].items()
+                                 if name.endswith("_loss") and name != "nsp_loss"
+                                 and name != "sop_loss" and name != "class_loss"))
   out["loss"] = float(metrics["loss"])
   out["grad_norm"] = float(metrics["grad_norm"])
   return out
@@ -239,6 +242,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   last_time, last_step = time.perf_counter(), start_step
   last_good_ckpt = ckpt.steps()[-1] if ckpt.steps() else None
   final_metrics: dict[str, float] = {}
+  seen = {"loss_tokens": 0.0}
 
   def drain(pending_item) -> dict[str, float]:
     nonlocal last_time, last_step
@@ -255,6 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     m["mfu"] = rate_steps * flops_per_step / (peak * jax.device_count())
     m["learning_rate"] = float(train_step.learning_rate_schedule(config.train)(step_done - 1))
     last_time, last_step = now, step_done
+    seen["loss_tokens"] += m["loss_tokens"]
     return m
 
   with _StopSignal() as stop, jax.set_mesh(mesh):
@@ -305,6 +310,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       ckpt.close()
       writer.close()
   final_metrics["step"] = int(jax.device_get(host_state().step))
+  final_metrics["loss_tokens_total"] = seen["loss_tokens"]
   return final_metrics
 
 

@@ -1,0 +1,320 @@
+"""Same-budget comparison of pre-training objectives across the three families.
+
+  python experiments/compare_objectives.py --preset=cpu --out=results/compare
+  python experiments/compare_objectives.py --preset=smoke --arms=mlm,next_token --seeds=0
+
+Every arm pre-trains on the same corpus (wikitext2) for the same budget of input
+tokens (or FLOPs), with parameter counts within 10% of each other; then each
+checkpoint is evaluated intrinsically (its own eval metrics) and downstream on
+sst2 by a linear probe (frozen body, new head) and by full fine-tuning, beside
+the same architecture fine-tuned from scratch and the majority class. Finished
+runs are skipped on re-run.
+"""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "cpu", ["smoke", "cpu"], "smoke: minutes, for tests; cpu: ~30 min.")
+flags.DEFINE_list("arms", [], "Subset of arms (default: all).")
+flags.DEFINE_list("seeds", [], "Seeds (default: the preset's).")
+flags.DEFINE_enum("budget_kind", "tokens", ["tokens", "flops"], "What is held equal across arms.")
+flags.DEFINE_float("budget", 0, "Pre-training budget per arm (0: the preset's).")
+flags.DEFINE_string("out", "results/compare_objectives", "Output folder.")
+
+# arm -> (config file, objective, extra overrides)
+ARMS = {
+    "mlm": ("bert", "mlm", {}),
+    "mlm_nsp": ("bert", "mlm_nsp", {}),
+    "mlm_sop": ("bert", "mlm_nsp", {"data.sop": True}),
+    "next_token": ("gpt", "next_token", {}),
+    "prefix_lm": ("gpt", "prefix_lm", {}),
+    "span_corruption": ("t5", "span_corruption", {}),
+    "bart_denoise": ("bart", "denoise", {}),
+}
+# What BERT Table 5 / T5 Table 2 / ALBERT Table 5 report, for the direction of each comparison.
+PUBLISHED = {
+    "mlm": "BERT T5: MLM alone below MLM+NSP on SST-2 (92.6 vs 92.7)",
+    "mlm_nsp": "BERT T5: BERT-base reference (SST-2 92.7)",
+    "mlm_sop": "ALBERT T5: SOP >= NSP downstream (avg 80.2 vs 79.3)",
+    "next_token": "BERT T5: LTR & no NSP below MLM (SST-2 92.1 vs 92.6)",
+    "prefix_lm": "T5 T2: prefix LM below span corruption (GLUE 80.7 vs 83.3)",
+    "span_corruption": "T5 T2: denoising/span corruption best (GLUE 83.3)",
+    "bart_denoise": "T5 T2: BERT-style/deshuffling denoise near span corruption (82.96)",
+}
+# Common body so parameter counts stay within 10%: width 256, 4 heads, mlp 1024, vocab 8192.
+BODY = {"model.embed_dim": 256, "model.num_heads": 4, "model.mlp_dim": 1024,
+        "model.vocab_size": 8192, "data.tokenizer.vocab_size": 8192, "model.max_len": 256}
+LAYERS = {"bert": {"model.num_layers": 4}, "gpt": {"model.num_layers": 4},
+          "t5": {"model.num_layers": 2, "model.num_decoder_layers": 2},
+          "bart": {"model.num_layers": 2, "model.num_decoder_layers": 2}}
+PRESETS = {
+    "smoke": dict(budget=8 * 32 * 12, seeds=[0], seq_len=32, batch=8, ft_steps=8, probe_steps=8,
+                  eval_steps=2, variant="tiny", body={}),
+    "cpu": dict(budget=16 * 128 * 150, seeds=[0, 1], seq_len=128, batch=16, ft_steps=150,
+                probe_steps=100, eval_steps=10, variant="small", body=BODY),
+}
+
+
+def load_config(family: str, variant: str, overrides: dict):
+  """configs/<family>.py:<variant> with dotted overrides applied."""
+  spec = importlib.util.spec_from_file_location(f"cfg_{family}", REPO / "configs" / f"{family}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(variant)
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _quiet(c, steps: int, eval_steps: int):
+  c.train.steps = steps
+  c.train.warmup_steps = max(1, steps // 10)
+  c.train.log_every = max(1, steps // 10)
+  c.train.eval_every = steps
+  c.train.eval_steps = eval_steps
+  c.train.ckpt_every = steps
+  c.train.keep = 1
+  c.train.progress = False
+  return c
+
+
+def pretrain_config(arm: str, preset: dict, seed: int):
+  """The arm's pre-training config, with its step count set by the shared budget."""
+  from gptjax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  family, objective, extra = ARMS[arm]
+  overrides = {"objective": objective, "data.corpus": "wikitext2", "seed": seed,
+               "data.seed": seed, "data.seq_len": preset["seq_len"],
+               "data.batch_size": preset["batch"], **preset["body"], **extra}
+  if preset["body"]:
+    overrides.update(LAYERS[family])
+  if family in ("t5", "bart"):
+    overrides["data.target_len"] = preset["seq_len"] // 4 if family == "t5" else preset["seq_len"]
+  c = load_config(family, preset["variant"], overrides)
+  cfg = ModelConfig.from_config(c.model)
+  target = c.data.target_len if family in ("t5", "bart") else 0
+  budget = FLAGS.budget or preset["budget"]
+  if FLAGS.budget_kind == "tokens":
+    per_step = c.data.batch_size * c.data.seq_len  # input tokens seen, the same for every arm
+  else:
+    per_step = flops_lib.train_flops_per_example(cfg, c.data.seq_len, target, objective) \
+        * c.data.batch_size
+    budget = budget * flops_lib.train_flops_per_example(
+        cfg, c.data.seq_len, target, objective)  # flops budget given in "example-equivalents"
+  steps = int(budget // per_step)
+  if steps < 1:
+    raise SystemExit(f"error: --budget={budget} is too small for one step of arm {arm} "
+                     f"({per_step} per step); raise --budget")
+  return _quiet(c, steps, preset["eval_steps"])
+
+
+def finetune_config(arm: str, preset: dict, seed: int, init_from: str, trainable: str, steps: int):
+  """sst2 classification from `init_from` ('' = scratch) with `trainable` params."""
+  family = ARMS[arm][0]
+  overrides = {"objective": "classification", "data.corpus": "sst2", "model.num_classes": 2,
+               "seed": seed, "data.seed": seed, "data.seq_len": min(preset["seq_len"], 64),
+               "data.batch_size": preset["batch"], "init_from": init_from,
+               "finetune.trainable": trainable, "train.learning_rate": 1e-3, **preset["body"]}
+  if preset["body"]:
+    overrides.update(LAYERS[family])
+  if family in ("t5", "bart"):
+    overrides["data.target_len"] = 1
+  return _quiet(load_config(family, preset["variant"], overrides), steps, preset["eval_steps"] * 4)
+
+
+def run_once(config, workdir: str, label: str) -> dict:
+  """Trains `config` in `workdir` unless a finished result is there; returns its final metrics."""
+  from gptjax import train  # pylint: disable=g-import-not-at-top
+  done = os.path.join(workdir, "result.json")
+  if os.path.exists(done):
+    print(f"  {label}: done before, skipped", flush=True)
+    with open(done) as f:
+      return json.load(f)
+  t = time.time()
+  metrics = train.train_and_evaluate(config, workdir)
+  metrics["wall_s"] = time.time() - t
+  metrics["params"] = _param_count(config)
+  tmp = done + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(metrics, f)
+  os.replace(tmp, done)
+  shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and "loss" in k
+           or "accuracy" in k}
+  print(f"  {label}: {metrics['wall_s']:.0f}s {shown}", flush=True)
+  return metrics
+
+
+def _param_count(config) -> int:
+  from gptjax import summary  # pylint: disable=g-import-not-at-top
+  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  return summary.count_params(summary.param_shapes(ModelConfig.from_config(config.model)))
+
+
+def majority_baseline() -> float:
+  """Accuracy of always predicting sst2 train's most common label on sst2 dev."""
+  from gptjax import corpora  # pylint: disable=g-import-not-at-top
+  raw = corpora.raw_data_dir()
+  def labels(name):
+    with open(os.path.join(raw, "sst2", name), encoding="utf-8") as f:
+      next(f)
+      return [int(line.rstrip("\r\n").split("\t")[-1]) for line in f if line.strip()]
+  train_labels, dev_labels = labels("train.tsv"), labels("dev.tsv")
+  majority = int(np.mean(train_labels) >= 0.5)
+  return float(np.mean(np.asarray(dev_labels) == majority))
+
+
+def _mean_std(values):
+  values = [v for v in values if v is not None and not math.isnan(v)]
+  if not values:
+    return float("nan"), float("nan")
+  return float(np.mean(values)), float(np.std(values))
+
+
+def write_outputs(out: str, rows: list, majority: float) -> None:
+  """results.csv (one row per arm and seed), results.md (mean ± std), plots as PNG."""
+  keys = sorted({k for r in rows for k in r if k != "curve"})
+  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+  arms = list(dict.fromkeys(r["arm"] for r in rows))
+  cols = [("params", "params"), ("pretrain_steps", "steps"), ("loss_tokens", "loss-bearing tokens"),
+          ("intrinsic", "intrinsic metric"), ("probe_acc", "sst2 probe"), ("finetune_acc", "sst2 fine-tune"),
+          ("scratch_acc", "sst2 scratch")]
+  lines = ["| arm | " + " | ".join(c[1] for c in cols) + " | published direction |",
+           "|---|" + "---|" * (len(cols) + 1)]
+  for arm in arms:
+    cells = []
+    for key, _ in cols:
+      vals = [r.get(key) for r in rows if r["arm"] == arm]
+      if key in ("params", "pretrain_steps", "loss_tokens"):
+        cells.append(f"{int(vals[0]):,}" if vals and vals[0] is not None else "")
+      elif key == "intrinsic":
+        name = next((r.get("intrinsic_name") for r in rows if r["arm"] == arm), "")
+        m, s = _mean_std(vals)
+        cells.append(f"{name} {m:.3f} ± {s:.3f}")
+      else:
+        m, s = _mean_std(vals)
+        cells.append(f"{m:.3f} ± {s:.3f}")
+    lines.append(f"| {arm} | " + " | ".join(cells) + f" | {PUBLISHED.get(arm, '')} |")
+  lines.append(f"\nmajority class on sst2 dev: {majority:.3f}")
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  _plots(out, rows, arms, majority)
+
+
+def _plots(out: str, rows: list, arms: list, majority: float) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for arm in arms:
+    r = next(r for r in rows if r["arm"] == arm)
+    curve = r.get("curve") or []
+    if curve:
+      ax.plot([c[0] for c in curve], [c[1] for c in curve], label=arm)
+  ax.set_xlabel("training FLOPs")
+  ax.set_ylabel("train loss")
+  ax.set_xscale("log")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "loss_vs_flops.png"), dpi=120)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(8, 4))
+  x = np.arange(len(arms))
+  for i, (key, label) in enumerate([("probe_acc", "linear probe"), ("finetune_acc", "fine-tune"),
+                                    ("scratch_acc", "scratch")]):
+    stats = [_mean_std([r.get(key) for r in rows if r["arm"] == a]) for a in arms]
+    ax.bar(x + (i - 1) * 0.27, [s[0] for s in stats], 0.27, yerr=[s[1] for s in stats],
+           label=label, capsize=3)
+  ax.axhline(majority, color="k", ls="--", lw=1, label="majority class")
+  ax.set_xticks(x)
+  ax.set_xticklabels(arms, rotation=20, fontsize=8)
+  ax.set_ylabel("sst2 dev accuracy")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "downstream_accuracy.png"), dpi=120)
+  plt.close(fig)
+
+
+def _curve(workdir: str, flops_per_step: float) -> list:
+  points = []
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if "loss" in r and "eval_loss" not in r:
+        points.append((r["step"] * flops_per_step, r["loss"]))
+  return points
+
+
+INTRINSIC = {"mlm": "eval_mlm_accuracy", "mlm_nsp": "eval_nsp_accuracy", "mlm_sop": "eval_sop_accuracy",
+             "next_token": "eval_lm_perplexity", "prefix_lm": "eval_lm_perplexity",
+             "span_corruption": "eval_span_accuracy", "bart_denoise": "eval_span_accuracy"}
+
+
+def main(argv):
+  del argv
+  from gptjax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  preset = PRESETS[FLAGS.preset]
+  arms = FLAGS.arms or list(ARMS)
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown:
+    raise SystemExit(f"error: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+  seeds = [int(s) for s in FLAGS.seeds] or preset["seeds"]
+  configs = {(a, s): pretrain_config(a, preset, s) for a in arms for s in seeds}  # checks budgets
+  os.makedirs(FLAGS.out, exist_ok=True)
+  majority = majority_baseline()
+  rows = []
+  for i, arm in enumerate(arms):
+    for seed in seeds:
+      print(f"[{i + 1}/{len(arms)}] {arm} seed {seed}", flush=True)
+      root = os.path.join(FLAGS.out, arm, f"seed{seed}")
+      c = configs[(arm, seed)]
+      pre = run_once(c, os.path.join(root, "pretrain"), "pretrain")
+      cfg = ModelConfig.from_config(c.model)
+      target = c.data.target_len if cfg.family == "encoder_decoder" else 0
+      fps = flops_lib.train_flops_per_example(cfg, c.data.seq_len, target, c.objective) \
+          * c.data.batch_size
+      ft_steps, probe_steps = preset["ft_steps"], preset["probe_steps"]
+      pre_dir = os.path.join(root, "pretrain")
+      probe = run_once(finetune_config(arm, preset, seed, pre_dir, "head", probe_steps),
+                       os.path.join(root, "probe"), "linear probe")
+      full = run_once(finetune_config(arm, preset, seed, pre_dir, "all", ft_steps),
+                      os.path.join(root, "finetune"), "fine-tune")
+      scratch = run_once(finetune_config(arm, preset, seed, "", "all", ft_steps),
+                         os.path.join(root, "scratch"), "scratch")
+      rows.append({
+          "arm": arm, "seed": seed, "params": pre.get("params"),
+          "pretrain_steps": c.train.steps,
+          "loss_tokens": int(pre.get("loss_tokens_total", 0)),
+          "intrinsic_name": INTRINSIC[arm].replace("eval_", ""),
+          "intrinsic": pre.get(INTRINSIC[arm]),
+          "probe_acc": probe.get("eval_class_accuracy"),
+          "finetune_acc": full.get("eval_class_accuracy"),
+          "scratch_acc": scratch.get("eval_class_accuracy"),
+          "curve": _curve(pre_dir, fps)})
+  write_outputs(FLAGS.out, rows, majority)
+
+
+if __name__ == "__main__":
+  app.run(main)
