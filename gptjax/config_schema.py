@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.sop = False
   d.seed = 0
   d.num_workers = 0
+  d.max_docs = 0  # 0: all; else only the first max_docs documents of every split (tests, smoke runs)
   t = d.tokenizer = ml_collections.ConfigDict()
   t.kind = "bpe"  # bpe | wordpiece | wordpiece_cased | unigram
   t.vocab_size = 8192
