@@ -251,8 +251,11 @@ class Examples:
     tok, d, L = self.tok, self.config.data, self.L
     ids = self._pad(ids, L, tok.pad_id)
     starts = None
-    if d.whole_word_mask:
-      starts = np.asarray([not (tok.id_to_token(t) or "").startswith("##") for t in ids])
+    if d.whole_word_mask:  # WordPiece continues a word with ##, byte-level BPE starts one with Ġ
+      pieces = [tok.id_to_token(t) or "" for t in ids]
+      bpe = self.config.data.tokenizer.kind == "bpe"
+      starts = np.asarray([p.startswith("\u0120") if bpe else not p.startswith("##")
+                           for p in pieces])
     corrupted, weights, _ = masking.mlm_mask(
         ids, rng, mask_id=tok.mask_id, vocab_size=tok.vocab_size,
         special_ids=tok.special_ids | {tok.pad_id}, probability=d.mlm_probability,
@@ -321,9 +324,13 @@ def _eval_split(config) -> str:
   return splits.get(config.data.corpus, "validation")
 
 
-def make_eval_batches(config, tokenizer, split: str = "validation",
-                      max_batches: Optional[int] = None) -> list[dict]:
-  """Eval batches in a fixed order; the last one is padded with zero-weight rows, never dropped."""
+def make_eval_batches(config, tokenizer, split: str = "validation", max_batches: Optional[int] = None,
+                      *, process_index: Optional[int] = None,
+                      process_count: Optional[int] = None) -> list[dict]:
+  """This process's rows of the eval batches, in a fixed order; the last global batch is padded with
+  zero-weight rows (weights, pair_weights, label_weights, dec_weights all 0), never dropped."""
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
   if split == "validation":
     split = _eval_split(config)
   examples = Examples(config, tokenizer, split)
@@ -334,7 +341,10 @@ def make_eval_batches(config, tokenizer, split: str = "validation",
   while len(rows) % b:
     pad = {k: np.zeros_like(v) for k, v in rows[0].items()}
     rows.append(pad)
-  return [{k: np.stack([r[k] for r in rows[s:s + b]]) for k in rows[0]}
+  if b % pc:
+    raise ConfigError(f"config.data.eval_batch_size={b} does not divide over {pc} processes")
+  lo, hi = pi * b // pc, (pi + 1) * b // pc
+  return [{k: np.stack([r[k] for r in rows[s + lo:s + hi]]) for k in rows[0]}
           for s in range(0, len(rows), b)]
 
 

@@ -7,6 +7,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 
+def _randomized_round(x: float, rng: np.random.Generator) -> int:
+  """floor(x) or ceil(x), with the expectation exactly x (plain rounding biases short rows)."""
+  return int(np.floor(x)) + int(rng.random() < x - np.floor(x))
+
+
 def mlm_mask(ids: np.ndarray, rng: np.random.Generator, *, mask_id: int, vocab_size: int,
              special_ids: frozenset, probability: float = 0.15,
              word_starts: Optional[np.ndarray] = None):
@@ -20,14 +25,14 @@ def mlm_mask(ids: np.ndarray, rng: np.random.Generator, *, mask_id: int, vocab_s
   if word_starts is not None:
     word_id = np.cumsum(word_starts.astype(np.int64)) * candidate
     words = np.unique(word_id[candidate])
-    n_pick = int(round(len(words) * probability))
+    n_pick = _randomized_round(len(words) * probability, rng)
     picked_words = rng.choice(words, size=min(n_pick, len(words)), replace=False) if len(words) else []
     chosen = np.isin(word_id, picked_words) & candidate
   else:
     positions = np.flatnonzero(candidate)
-    n_pick = max(1, int(round(len(positions) * probability))) if len(positions) else 0
+    n_pick = max(1, _randomized_round(len(positions) * probability, rng)) if len(positions) else 0
     chosen = np.zeros(ids.shape, bool)
-    chosen[rng.choice(positions, size=n_pick, replace=False)] = True
+    chosen[rng.choice(positions, size=min(n_pick, len(positions)), replace=False)] = True
   u = rng.random(ids.shape)
   kind = np.where(chosen, np.where(u < 0.8, 1, np.where(u < 0.9, 2, 3)), 0)
   out = ids.copy()
@@ -100,23 +105,27 @@ def span_lengths_for(seq_len: int, target_len: int, noise_density: float,
 
 def text_infilling(ids: np.ndarray, rng: np.random.Generator, *, mask_id: int,
                    mask_ratio: float = 0.3, poisson_lambda: float = 3.0) -> np.ndarray:
-  """BART infilling: spans with Poisson(λ) lengths replaced by one <mask> each (0-length inserts one)."""
-  ids = list(ids)
-  n_to_mask = int(round(len(ids) * mask_ratio))
-  out, i, masked = [], 0, 0
-  while i < len(ids):
-    if masked < n_to_mask and rng.random() < mask_ratio / max(poisson_lambda, 1.0):
-      span = int(rng.poisson(poisson_lambda))
-      out.append(mask_id)
-      if span == 0:
-        out.append(ids[i])
-        i += 1
-      else:
-        i += span
-        masked += span
-    else:
-      out.append(ids[i])
-      i += 1
+  """BART text infilling: about `mask_ratio` of the tokens, in spans of Poisson(λ) length, each span
+  replaced by one <mask>; a 0-length span inserts a <mask> (the model must learn to fill nothing)."""
+  ids = np.asarray(ids, np.int32)
+  n = len(ids)
+  num_to_mask = int(round(n * mask_ratio))
+  if n == 0 or num_to_mask == 0:
+    return ids.copy()
+  lengths = []
+  while sum(lengths) < num_to_mask:
+    lengths.append(int(rng.poisson(poisson_lambda)))
+  lengths[-1] -= sum(lengths) - num_to_mask
+  lengths = lengths[:n]
+  starts = np.sort(rng.choice(n, size=len(lengths), replace=False))
+  out, i = [], 0
+  for start, length in zip(starts, rng.permutation(lengths)):
+    if start < i:  # overlaps the previous span: merged into it
+      continue
+    out.extend(ids[i:start])
+    out.append(mask_id)
+    i = start + int(length)
+  out.extend(ids[i:])
   return np.asarray(out, np.int32)
 
 
@@ -136,13 +145,14 @@ def permute_sentences(ids: np.ndarray, rng: np.random.Generator,
 
 
 def truncate_pair(a: list, b: list, max_total: int) -> tuple[list, list]:
-  """Trims the longer side from its end until both fit, keeping at least one token each."""
+  """Trims the longer side until both fit, keeping at least one token each: A loses tokens at its
+  start and B at its end, so the A|B junction stays exactly where the document has it."""
   a, b = list(a), list(b)
   while len(a) + len(b) > max_total:
     if len(a) >= len(b) and len(a) > 1:
-      a.pop()
+      a.pop(0)
     elif len(b) > 1:
       b.pop()
     else:
-      a.pop()
+      a.pop(0)
   return a, b

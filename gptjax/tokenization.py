@@ -49,6 +49,10 @@ class TextTokenizer:
   def __init__(self, tok: tokenizers.Tokenizer):
     self.tok = tok
     vocab = tok.get_vocab()
+    # a special token may also have been learned as a piece from text that spells it (wikitext's
+    # literal "<unk>"): the lowest id, where the specials sit, wins
+    vocab.update({t.content: i for i, t in tok.get_added_tokens_decoder().items()})
+    vocab.update({tok.id_to_token(i): i for i in reversed(range(min(len(vocab), 2048)))})
     for role, names in ROLE_NAMES.items():
       setattr(self, f"{role}_id", next((vocab[n] for n in names if n in vocab), None))
     sentinels = sorted(((int(k[len("<extra_id_"):-1]), v) for k, v in vocab.items()
