@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt.py:small.",
@@ -49,6 +50,8 @@ def main(argv):
   """Validates the config, then runs the requested mode."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every file they touch at INFO
   config = _CONFIG.value
   if config is None:
     _fail("--config is required, e.g. --config=configs/gpt.py:small")

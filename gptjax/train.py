@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -234,7 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       * config.data.batch_size
   tokens_per_step = config.data.batch_size * (seq_len + target_len)
   peak = flops.measure_matmul_peak(jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
-                                   n=1024, repeats=3)
+                                   n=2048, repeats=3)
   steps = config.train.steps
   bar = tqdm.tqdm(total=steps, initial=start_step, disable=not (is_main and config.train.progress),
                   dynamic_ncols=True, desc=f"{config.name}:{config.variant}", file=sys.stdout)
@@ -244,25 +245,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   final_metrics: dict[str, float] = {}
   seen = {"loss_tokens": 0.0}
 
+  schedule = train_step.learning_rate_schedule(config.train)
+
   def drain(pending_item) -> dict[str, float]:
-    nonlocal last_time, last_step
+    """Fetches one step's metrics (already computed: one step late) and checks the loss."""
     step_done, device_metrics = pending_item
     m = _fetch(device_metrics)
     if not math.isfinite(m["loss"]):
       raise NonFiniteLoss(
           f"loss is {m['loss']} at step {step_done}; the run stopped and the last good checkpoint "
           f"(step {last_good_ckpt}) is intact: lower config.train.learning_rate or check the data")
-    now = time.perf_counter()
-    dt = max(now - last_time, 1e-9)
-    rate_steps = (step_done - last_step) / dt
-    m["tokens_per_sec"] = rate_steps * tokens_per_step
-    m["mfu"] = rate_steps * flops_per_step / (peak * jax.device_count())
-    m["learning_rate"] = float(train_step.learning_rate_schedule(config.train)(step_done - 1))
-    last_time, last_step = now, step_done
     seen["loss_tokens"] += m["loss_tokens"]
     return m
 
-  with _StopSignal() as stop, jax.set_mesh(mesh):
+  def log(step_done: int, m: dict) -> None:
+    """Adds speed over the steps since the last log, writes the record, updates the bar."""
+    nonlocal last_time, last_step
+    now = time.perf_counter()
+    rate_steps = (step_done - last_step) / max(now - last_time, 1e-9)
+    last_time, last_step = now, step_done
+    m["tokens_per_sec"] = rate_steps * tokens_per_step
+    m["mfu"] = rate_steps * flops_per_step / (peak * jax.device_count())
+    m["learning_rate"] = float(schedule(step_done - 1))
+    writer.write(step_done, m)
+    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}",
+                    mfu=f"{100 * m['mfu']:.0f}%", refresh=False)
+    final_metrics.update(m)
+
+  mesh_context = contextlib.nullcontext() if pmap else jax.set_mesh(mesh)
+  with _StopSignal() as stop, mesh_context:
     try:
       for step in range(start_step + 1, steps + 1):
         batch = to_device(next(train_iter))
@@ -271,11 +282,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if pending is not None:
           m = drain(pending)
           pending = None
-          if m is not None and pending_log:
-            writer.write(pending_step, m)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}",
-                            mfu=f"{100 * m['mfu']:.0f}%", refresh=False)
-            final_metrics.update(m)
+          if pending_log:
+            log(pending_step, m)
         pending, pending_log, pending_step = (step, metrics), log_now, step
         bar.update(1)
         eval_now = config.train.eval_every and (step % config.train.eval_every == 0 or step == steps)
@@ -283,8 +291,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if eval_now or ckpt_now:
           m = drain(pending)
           if pending_log:
-            writer.write(step, m)
-            final_metrics.update(m)
+            log(step, m)
           pending = None
           eval_metrics = evaluate() if eval_now else None
           if eval_metrics:
@@ -293,6 +300,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             bar.write(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
           save(step, eval_metrics, force=True)
           last_good_ckpt = step
+          last_time = time.perf_counter()  # eval and saving are not training speed
         if stop.received:
           ckpt.wait()
           bar.write(f"received {stop.received}: saved checkpoint at step {step}; rerun the same "
@@ -301,7 +309,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if pending is not None:
         m = drain(pending)
         if pending_log:
-          writer.write(pending_step, m)
+          log(pending_step, m)
     except NonFiniteLoss:
       ckpt.wait()
       raise
