@@ -116,15 +116,15 @@ def text_infilling(ids: np.ndarray, rng: np.random.Generator, *, mask_id: int,
   while sum(lengths) < num_to_mask:
     lengths.append(int(rng.poisson(poisson_lambda)))
   lengths[-1] -= sum(lengths) - num_to_mask
-  lengths = lengths[:n]
-  starts = np.sort(rng.choice(n, size=len(lengths), replace=False))
-  out, i = [], 0
-  for start, length in zip(starts, rng.permutation(lengths)):
-    if start < i:  # overlaps the previous span: merged into it
-      continue
-    out.extend(ids[i:start])
+  # spans go between the kept tokens (slot k: after k kept tokens), so they never overlap
+  slots = np.sort(rng.integers(0, n - num_to_mask + 1, size=len(lengths)))
+  out, i, consumed = [], 0, 0
+  for slot, length in zip(slots, rng.permutation(lengths)):
+    out.extend(ids[i:i + slot - consumed])
+    i += slot - consumed
+    consumed = slot
     out.append(mask_id)
-    i = start + int(length)
+    i += int(length)
   out.extend(ids[i:])
   return np.asarray(out, np.int32)
 

@@ -30,3 +30,16 @@ def load_config(family: str, variant: str = "tiny", **overrides):
 @pytest.fixture(name="load_config")
 def _load_config_fixture():
   return load_config
+
+
+@pytest.fixture(scope="session", name="data_cache")
+def _data_cache_fixture(tmp_path_factory):
+  """A fresh GPTJAX_CACHE for the session: TFDS builds, tokenizers and token arrays are made once."""
+  path = tmp_path_factory.mktemp("gptjax_cache")
+  old = os.environ.get("GPTJAX_CACHE")
+  os.environ["GPTJAX_CACHE"] = str(path)
+  yield path
+  if old is None:
+    os.environ.pop("GPTJAX_CACHE", None)
+  else:
+    os.environ["GPTJAX_CACHE"] = old
