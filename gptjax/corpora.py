@@ -237,12 +237,15 @@ class GptjaxCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     splits = {"tiny_shakespeare": ("train", "validation", "test"),
               "tinystories": ("train", "validation", "test"),
               "text_files": ("train", "validation")}.get(self.corpus, tuple(RAW_FILES.get(self.corpus, {})))
-    stats, docs = {}, {}
+    counts, docs = [], {}
     for s in splits:
+      stats = {}
       docs[s] = load_documents(self.corpus, s, self.raw_dir, self.text_files, stats)
+      counts.append(stats.get("invalid_utf8", 0))
       if not docs[s]:
         raise ConfigError(f"corpus {self.corpus!r} split {s!r} is empty: its raw files hold no text")
-    self.info.metadata["invalid_utf8"] = int(stats.get("invalid_utf8", 0))
+    one_file = self.corpus in ("tiny_shakespeare", "tinystories", "text_files")  # every split reads it
+    self.info.metadata["invalid_utf8"] = int(counts[0] if one_file else sum(counts))
     return {s: self._generate_examples(docs[s]) for s in splits}
 
   def _generate_examples(self, docs) -> Iterator:
