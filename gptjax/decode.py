@@ -1,0 +1,427 @@
+"""Generation over the KV cache for `DecoderOnly` and `EncoderDecoder` models.
+
+One jitted `lax.while_loop` per (model config, settings): greedy, sampling with temperature,
+top-k and top-p, an optional repetition penalty, EOS and token-level stop sequences, and beam
+search with a length penalty. Prompts of different lengths are left-padded for decoder-only
+models (pads masked out of the cache, positions counted from each prompt's first real token);
+an encoder-decoder model encodes its prompts once and decodes from a start token.
+
+  settings = decode.DecodeSettings(max_new_tokens=32, temperature=0.8, top_p=0.9)
+  out = decode.generate(model, params, [[5, 6, 7], [8]], settings, eos_id=2, pad_id=0,
+                        rng=jax.random.key(0))
+
+Shapes: B batch, W beams, P prompt length (padded), N new tokens, T = P + N, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax.config_schema import ConfigError
+
+Array = jax.Array
+_NEG = -1e30  # a removed logit: exp() underflows to 0 but arithmetic on it stays finite
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """What `config.generate` holds, with stop sequences as token ids."""
+  max_new_tokens: int = 64
+  temperature: float = 1.0  # 0: greedy
+  top_k: int = 0  # 0: off
+  top_p: float = 1.0  # 1: off
+  num_beams: int = 1
+  length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+  repetition_penalty: float = 1.0  # 1: off (CTRL, Keskar et al. 2019)
+  stop: tuple[tuple[int, ...], ...] = ()
+  seed: int = 0
+  use_cache: bool = True  # False recomputes the whole prefix every step (for tests, timings)
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0 or self.top_k == 1
+
+
+def settings_from_config(config, tokenizer=None) -> DecodeSettings:
+  """DecodeSettings from `config.generate`; stop strings become token ids with `tokenizer`."""
+  g = config.generate
+  stops = [s for s in str(g.stop).split("|") if s] if g.stop else []
+  stop_ids = tuple(tuple(tokenizer.encode(s)) for s in stops) if tokenizer is not None else ()
+  return DecodeSettings(max_new_tokens=int(g.max_new_tokens), temperature=float(g.temperature),
+                        top_k=int(g.top_k), top_p=float(g.top_p), num_beams=int(g.num_beams),
+                        length_penalty=float(g.length_penalty),
+                        repetition_penalty=float(g.repetition_penalty),
+                        stop=tuple(s for s in stop_ids if s), seed=int(g.seed))
+
+
+def check_settings(settings: DecodeSettings) -> None:
+  """Raises ConfigError (one line naming the field) for impossible decoding settings."""
+  s = settings
+  if s.max_new_tokens < 1:
+    raise ConfigError(f"config.generate.max_new_tokens={s.max_new_tokens} must be at least 1")
+  if s.temperature < 0:
+    raise ConfigError(f"config.generate.temperature={s.temperature} must be >= 0 (0: greedy)")
+  if s.top_k < 0:
+    raise ConfigError(f"config.generate.top_k={s.top_k} must be >= 0 (0: off)")
+  if not 0.0 < s.top_p <= 1.0:
+    raise ConfigError(f"config.generate.top_p={s.top_p} must be in (0, 1] (1: off)")
+  if s.num_beams < 1:
+    raise ConfigError(f"config.generate.num_beams={s.num_beams} must be at least 1")
+  if s.repetition_penalty <= 0:
+    raise ConfigError(f"config.generate.repetition_penalty={s.repetition_penalty} must be > 0 "
+                      "(1: off)")
+
+
+def check_prompts(prompt_ids: Sequence[Sequence[int]], max_len: int, family: str) -> None:
+  """Raises ConfigError for no prompts, an empty prompt, or one that leaves no room in context."""
+  if not prompt_ids:
+    raise ConfigError("no prompt given; pass --prompt=TEXT or a non-empty --prompts_file")
+  for i, p in enumerate(prompt_ids):
+    if len(p) == 0:
+      raise ConfigError(f"prompt {i} is empty (0 tokens); give at least one token of text")
+    limit = max_len - 1 if family == "decoder_only" else max_len
+    if len(p) > limit:
+      raise ConfigError(f"prompt {i} has {len(p)} tokens, longer than the context allows "
+                        f"(config.model.max_len={max_len}, at most {limit} prompt tokens)")
+
+
+# ----------------------------------------------------------------- logits processing
+def filter_logits(logits_BxV: Array, temperature: float, top_k: int, top_p: float) -> Array:
+  """Tempered logits with the tokens outside top-k and the top-p nucleus set to -1e30.
+
+  temperature 0 keeps only the argmax. Top-p keeps the smallest set of most likely tokens whose
+  probability reaches p (a token is kept when the mass strictly before it is below p).
+  """
+  x = logits_BxV.astype(jnp.float32)
+  if temperature == 0.0:
+    best = jnp.argmax(x, axis=-1)
+    return jnp.where(jnp.arange(x.shape[-1]) == best[..., None], x, _NEG)
+  x = x / temperature
+  if top_k > 0 and top_k < x.shape[-1]:
+    kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+    x = jnp.where(x >= kth, x, _NEG)
+  if top_p < 1.0:
+    order = jnp.argsort(-x, axis=-1)
+    sorted_x = jnp.take_along_axis(x, order, axis=-1)
+    sorted_p = jax.nn.softmax(sorted_x, axis=-1)
+    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+    keep_sorted = (before < top_p - 1e-6).at[..., 0].set(True)
+    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    x = jnp.where(keep, x, _NEG)
+  return x
+
+
+def repetition_penalty(logits_BxV: Array, seen_BxV: Array, penalty: float) -> Array:
+  """CTRL's penalty: seen tokens' positive logits divided by `penalty`, negative ones multiplied."""
+  if penalty == 1.0:
+    return logits_BxV
+  pen = jnp.where(logits_BxV > 0, logits_BxV / penalty, logits_BxV * penalty)
+  return jnp.where(seen_BxV, pen, logits_BxV)
+
+
+def _stop_hit(buf_BxT: Array, col: Array, t: Array, stops) -> Array:
+  """Whether a stop sequence ends at column `col` (inside the generated part)."""
+  hit = jnp.zeros(buf_BxT.shape[0], bool)
+  for s in stops:
+    n = len(s)
+    window = jax.lax.dynamic_slice_in_dim(buf_BxT, jnp.maximum(col - n + 1, 0), n, axis=1)
+    hit |= jnp.all(window == jnp.asarray(s, buf_BxT.dtype), axis=1) & (t + 1 >= n)
+  return hit
+
+
+# ------------------------------------------------------------------------ model calls
+def _zero_cache(fn, *args):
+  shapes = jax.eval_shape(fn, *args)["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _model_fns(model, use_cache: bool):
+  """(prefill, step) for the model family.
+
+  prefill(params, buf_BxT, mask_BxT, P, enc_BxS, enc_mask_BxS) -> (logits_BxV, cache, ctx)
+  step(params, cache, ctx, buf_BxT, mask_BxT, col, tok_B, pos_B) -> (logits_BxV, cache)
+  """
+  from gptjax import models  # pylint: disable=g-import-not-at-top
+  family = model.cfg.family
+  if family == "decoder_only":
+    def prefill(params, buf, mask, P, enc, enc_mask):
+      del enc, enc_mask
+      pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+      if not use_cache:
+        logits = model.apply({"params": params}, buf, positions=pos, input_mask=mask)["logits"]
+        return logits[:, P - 1], None, None
+      cache = _zero_cache(lambda b: model.init(jax.random.key(0), b, decode=True), buf[:, :1])
+      out, mut = model.apply({"params": params, "cache": cache}, buf[:, :P], positions=pos[:, :P],
+                             input_mask=mask[:, :P], decode=True, mutable=["cache"])
+      return out["logits"][:, -1], mut["cache"], None
+
+    def step(params, cache, ctx, buf, mask, col, tok, pos):
+      del ctx
+      if not use_cache:
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        logits = model.apply({"params": params}, buf, positions=positions, input_mask=mask)["logits"]
+        return jax.lax.dynamic_index_in_dim(logits, col, axis=1, keepdims=False), None
+      out, mut = model.apply({"params": params, "cache": cache}, tok[:, None], positions=pos[:, None],
+                             input_mask=jnp.ones_like(tok)[:, None], decode=True, mutable=["cache"])
+      return out["logits"][:, 0], mut["cache"]
+    return prefill, step
+
+  if family != "encoder_decoder":
+    raise ConfigError(f"config.model.family={family!r} cannot generate text; use decoder_only or "
+                      "encoder_decoder")
+  dec = models.EncoderDecoder.decode
+
+  def prefill(params, buf, mask, P, enc, enc_mask):
+    del mask
+    encoded = model.apply({"params": params}, enc, enc_mask, method=models.EncoderDecoder.encode)
+    ctx = (encoded, enc_mask)
+    if not use_cache:
+      logits = model.apply({"params": params}, encoded, enc_mask, buf, method=dec)
+      return logits[:, P - 1], None, ctx
+    cache = _zero_cache(lambda e, m, b: model.init(jax.random.key(0), e, m, b, decode=True,
+                                                   method=dec), encoded, enc_mask, buf[:, :1])
+    logits, mut = model.apply({"params": params, "cache": cache}, encoded, enc_mask, buf[:, :P],
+                              decode=True, mutable=["cache"], method=dec)
+    return logits[:, -1], mut["cache"], ctx
+
+  def step(params, cache, ctx, buf, mask, col, tok, pos):
+    del mask, pos
+    encoded, enc_mask = ctx
+    if not use_cache:
+      logits = model.apply({"params": params}, encoded, enc_mask, buf, method=dec)
+      return jax.lax.dynamic_index_in_dim(logits, col, axis=1, keepdims=False), None
+    logits, mut = model.apply({"params": params, "cache": cache}, encoded, enc_mask, tok[:, None],
+                              decode=True, mutable=["cache"], method=dec)
+    return logits[:, 0], mut["cache"]
+  return prefill, step
+
+
+# ------------------------------------------------------------------------ sampling loop
+@functools.lru_cache(maxsize=32)
+def _sampler(model, settings: DecodeSettings, eos_id: int, pad_id: int):
+  """The jitted sampling loop for one model and one set of (static) settings."""
+  s = settings
+  prefill, step = _model_fns(model, s.use_cache)
+  n_new = s.max_new_tokens
+
+  def run(params, buf_BxT, mask_BxT, enc_BxS, enc_mask_BxS, rng):
+    b, total = buf_BxT.shape
+    P = total - n_new
+    logits, cache, ctx = prefill(params, buf_BxT, mask_BxT, P, enc_BxS, enc_mask_BxS)
+    length_B = mask_BxT[:, :P].sum(axis=1)
+    vocab = logits.shape[-1]
+    seen_BxV = jnp.zeros((b, vocab), bool)
+    if s.repetition_penalty != 1.0:
+      seen_BxV = seen_BxV.at[jnp.arange(b)[:, None], buf_BxT[:, :P]].max(mask_BxT[:, :P] > 0)
+
+    def cond(state):
+      t, done = state[0], state[5]
+      return (t < n_new) & ~jnp.all(done)
+
+    def body(state):
+      t, buf, mask, logits, cache, done, rng, seen = state
+      rng, key = jax.random.split(rng)
+      lg = repetition_penalty(logits.astype(jnp.float32), seen, s.repetition_penalty)
+      if s.greedy:
+        tok = jnp.argmax(lg, axis=-1)
+      else:
+        tok = jax.random.categorical(key, filter_logits(lg, s.temperature, s.top_k, s.top_p))
+      tok = jnp.where(done, pad_id, tok).astype(buf.dtype)
+      col = P + t
+      buf = jax.lax.dynamic_update_index_in_dim(buf, tok, col, axis=1)
+      mask = jax.lax.dynamic_update_index_in_dim(mask, (~done).astype(mask.dtype), col, axis=1)
+      done = done | (tok == eos_id) | _stop_hit(buf, col, t, s.stop)
+      seen = seen.at[jnp.arange(b), tok].set(True)
+      logits, cache = step(params, cache, ctx, buf, mask, col, tok, length_B + t)
+      return t + 1, buf, mask, logits, cache, done, rng, seen
+
+    state = (jnp.zeros((), jnp.int32), buf_BxT, mask_BxT, logits, cache, jnp.zeros(b, bool), rng,
+             seen_BxV)
+    state = jax.lax.while_loop(cond, body, state)
+    return state[1][:, P:], state[0]
+
+  return jax.jit(run)
+
+
+# ---------------------------------------------------------------------------- beam search
+def _gather_beams(cache, idx_R):
+  """Reorders the batch rows of every cache array (axis 1 under nn.scan's 'layers')."""
+  def take(path, x):
+    if x.ndim < 2:
+      return x
+    axis = 1 if any(getattr(p, "key", None) == "layers" for p in path) else 0
+    return jnp.take(x, idx_R, axis=axis)
+  return jax.tree_util.tree_map_with_path(take, cache)
+
+
+@functools.lru_cache(maxsize=32)
+def _beam_searcher(model, settings: DecodeSettings, eos_id: int, pad_id: int):
+  """The jitted beam search for one model and one set of (static) settings."""
+  s = settings
+  W, n_new = s.num_beams, s.max_new_tokens
+  prefill, step = _model_fns(model, True)
+
+  def run(params, buf_BxT, mask_BxT, enc_BxS, enc_mask_BxS):
+    b, total = buf_BxT.shape
+    P = total - n_new
+    rep = lambda x: None if x is None else jnp.repeat(x, W, axis=0)
+    buf_RxT, mask_RxT = rep(buf_BxT), rep(mask_BxT)  # R = B * W rows
+    logits, cache, ctx = prefill(params, buf_RxT, mask_RxT, P, rep(enc_BxS), rep(enc_mask_BxS))
+    length_R = mask_RxT[:, :P].sum(axis=1)
+    vocab = logits.shape[-1]
+    r = b * W
+    seen = jnp.zeros((r, vocab), bool)
+    if s.repetition_penalty != 1.0:
+      seen = seen.at[jnp.arange(r)[:, None], buf_RxT[:, :P]].max(mask_RxT[:, :P] > 0)
+    alive_logp = jnp.tile(jnp.asarray([0.0] + [_NEG] * (W - 1), jnp.float32), (b, 1))
+    penalty = lambda n: jnp.asarray(n, jnp.float32) ** s.length_penalty
+
+    def cond(st):
+      return (st[0] < n_new) & ~jnp.all(st[8])
+
+    def body(st):
+      t, alive_seq, alive_logp, logits, cache, seen, fin_seq, fin_score, done = st
+      lg = repetition_penalty(logits.astype(jnp.float32), seen, s.repetition_penalty)
+      logp_BxWxV = jax.nn.log_softmax(lg, axis=-1).reshape(b, W, vocab)
+      cand = (alive_logp[:, :, None] + logp_BxWxV).reshape(b, W * vocab)
+      score_2W, idx_2W = jax.lax.top_k(cand, 2 * W)
+      parent_2W, tok_2W = idx_2W // vocab, (idx_2W % vocab).astype(alive_seq.dtype)
+      cand_seq = jnp.take_along_axis(alive_seq, parent_2W[:, :, None], axis=1)
+      cand_seq = jax.lax.dynamic_update_index_in_dim(cand_seq, tok_2W, t, axis=2)
+      is_eos = tok_2W == eos_id
+      # finished: the best W of the old finished and the candidates that just ended
+      fin_cand = jnp.where(is_eos, score_2W / penalty(t + 1), _NEG)
+      all_score = jnp.concatenate([fin_score, fin_cand], axis=1)
+      all_seq = jnp.concatenate([fin_seq, cand_seq], axis=1)
+      new_fin_score, pick = jax.lax.top_k(all_score, W)
+      new_fin_seq = jnp.take_along_axis(all_seq, pick[:, :, None], axis=1)
+      # alive: the best W candidates that did not end
+      new_alive_logp, pick = jax.lax.top_k(jnp.where(is_eos, _NEG, score_2W), W)
+      new_alive_seq = jnp.take_along_axis(cand_seq, pick[:, :, None], axis=1)
+      parent_W = jnp.take_along_axis(parent_2W, pick, axis=1)
+      tok_W = jnp.take_along_axis(tok_2W, pick, axis=1)
+      # a row is done once no alive beam can beat its worst finished one at this length
+      full = jnp.min(new_fin_score, axis=1) > _NEG / 2
+      new_done = done | (full & (jnp.max(new_alive_logp, axis=1) / penalty(t + 1)
+                                 < jnp.min(new_fin_score, axis=1)))
+      keep = lambda old, new: jnp.where(done.reshape((b,) + (1,) * (new.ndim - 1)), old, new)
+      fin_seq, fin_score = keep(fin_seq, new_fin_seq), keep(fin_score, new_fin_score)
+      alive_seq, alive_logp = keep(alive_seq, new_alive_seq), keep(alive_logp, new_alive_logp)
+      rows_R = (jnp.arange(b)[:, None] * W + parent_W).reshape(r)
+      cache = _gather_beams(cache, rows_R)
+      tok_R = tok_W.reshape(r)
+      seen = seen[rows_R].at[jnp.arange(r), tok_R].set(True)
+      logits, cache = step(params, cache, ctx, None, None, None, tok_R, length_R + t)
+      return t + 1, alive_seq, alive_logp, logits, cache, seen, fin_seq, fin_score, new_done
+
+    st = (jnp.zeros((), jnp.int32), jnp.full((b, W, n_new), pad_id, buf_BxT.dtype), alive_logp,
+          logits, cache, seen, jnp.full((b, W, n_new), pad_id, buf_BxT.dtype),
+          jnp.full((b, W), _NEG, jnp.float32), jnp.zeros(b, bool))
+    st = jax.lax.while_loop(cond, body, st)
+    t, alive_seq, alive_logp, fin_seq, fin_score = st[0], st[1], st[2], st[6], st[7]
+    alive_score = jnp.where(alive_logp > _NEG / 2, alive_logp / penalty(jnp.maximum(t, 1)), _NEG)
+    # a finished beam wins ties, and an alive one only counts where no finished one beats it
+    score = jnp.concatenate([fin_score, alive_score], axis=1)
+    seq = jnp.concatenate([fin_seq, alive_seq], axis=1)
+    best = jnp.argmax(score, axis=1)
+    out = jnp.take_along_axis(seq, best[:, None, None], axis=1)[:, 0]
+    mask = jnp.arange(n_new)[None, :] < t
+    return jnp.where(mask, out, pad_id), t
+
+  return jax.jit(run)
+
+
+# -------------------------------------------------------------------------- entry points
+def _pack(prompt_ids, model, settings: DecodeSettings, pad_id: int, start_id: int):
+  """Host-side: clipped settings, the BxT buffer and mask, and the encoder inputs."""
+  cfg = model.cfg
+  check_settings(settings)
+  check_prompts(prompt_ids, cfg.max_len, cfg.family)
+  longest = max(len(p) for p in prompt_ids)
+  b = len(prompt_ids)
+  if cfg.family == "decoder_only":
+    n_new = min(settings.max_new_tokens, cfg.max_len - longest)
+    P = longest
+    buf = np.full((b, P + n_new), pad_id, np.int32)
+    mask = np.zeros((b, P + n_new), np.int32)
+    for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at column P - 1
+      buf[i, P - len(p):P] = p
+      mask[i, P - len(p):P] = 1
+    enc = enc_mask = None
+  else:
+    n_new = min(settings.max_new_tokens, cfg.max_len - 1)
+    P = 1
+    buf = np.full((b, P + n_new), pad_id, np.int32)
+    buf[:, 0] = start_id
+    mask = np.zeros((b, P + n_new), np.int32)
+    mask[:, 0] = 1
+    enc = np.full((b, longest), pad_id, np.int32)
+    enc_mask = np.zeros((b, longest), np.int32)
+    for i, p in enumerate(prompt_ids):
+      enc[i, :len(p)] = p
+      enc_mask[i, :len(p)] = 1
+    enc, enc_mask = jnp.asarray(enc), jnp.asarray(enc_mask)
+  static = dataclasses.replace(settings, max_new_tokens=n_new, seed=0)
+  return static, jnp.asarray(buf), jnp.asarray(mask), enc, enc_mask
+
+
+def trim(tokens: Sequence[int], eos_id: Optional[int], stops=(), pad_id: Optional[int] = None
+         ) -> list[int]:
+  """Generated ids up to (not including) the first EOS or the end of the first stop sequence."""
+  out: list[int] = []
+  for tok in tokens:
+    tok = int(tok)
+    if eos_id is not None and tok == eos_id:
+      break
+    out.append(tok)
+    hit = next((s for s in stops if len(out) >= len(s) and tuple(out[-len(s):]) == tuple(s)), None)
+    if hit is not None:
+      del out[len(out) - len(hit):]
+      break
+  return out
+
+
+def generate(model, params, prompt_ids: Sequence[Sequence[int]], settings: DecodeSettings,
+             eos_id: Optional[int], pad_id: int, rng: Optional[Any] = None,
+             start_id: Optional[int] = None) -> list[list[int]]:
+  """Completions (token ids, without the prompt, EOS or stop sequence) of a batch of prompts.
+
+  Beam search when settings.num_beams > 1. `rng` defaults to PRNGKey(settings.seed);
+  `start_id` is the decoder start token of an encoder-decoder model (default pad_id).
+  """
+  if settings.num_beams > 1:
+    return beam_search(model, params, prompt_ids, settings, eos_id, pad_id, start_id)
+  static, buf, mask, enc, enc_mask = _pack(prompt_ids, model, settings, pad_id,
+                                           pad_id if start_id is None else start_id)
+  rng = jax.random.key(settings.seed) if rng is None else rng
+  eos = -1 if eos_id is None else int(eos_id)
+  out, _ = _sampler(model, static, eos, int(pad_id))(params, buf, mask, enc, enc_mask, rng)
+  return [trim(row, eos_id, settings.stop) for row in np.asarray(out)]
+
+
+def beam_search(model, params, prompt_ids: Sequence[Sequence[int]], settings: DecodeSettings,
+                eos_id: Optional[int], pad_id: int, start_id: Optional[int] = None
+                ) -> list[list[int]]:
+  """The best beam (sum log p / length ** length_penalty) of settings.num_beams per prompt."""
+  static, buf, mask, enc, enc_mask = _pack(prompt_ids, model, settings, pad_id,
+                                           pad_id if start_id is None else start_id)
+  eos = -1 if eos_id is None else int(eos_id)
+  out, _ = _beam_searcher(model, static, eos, int(pad_id))(params, buf, mask, enc, enc_mask)
+  return [trim(row, eos_id, settings.stop) for row in np.asarray(out)]
+
+
+def generate_padded(model, params, prompt_ids, settings: DecodeSettings, eos_id, pad_id, rng=None,
+                    start_id=None) -> tuple[np.ndarray, int]:
+  """The raw BxN output buffer and the number of loop steps run (for timings)."""
+  static, buf, mask, enc, enc_mask = _pack(prompt_ids, model, settings, pad_id,
+                                           pad_id if start_id is None else start_id)
+  rng = jax.random.key(settings.seed) if rng is None else rng
+  eos = -1 if eos_id is None else int(eos_id)
+  out, steps = _sampler(model, static, eos, int(pad_id))(params, buf, mask, enc, enc_mask, rng)
+  return np.asarray(out), int(steps)
