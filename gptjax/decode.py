@@ -204,13 +204,13 @@ def _model_fns(model, use_cache: bool):
 
 # ------------------------------------------------------------------------ sampling loop
 @functools.lru_cache(maxsize=32)
-def _sampler(model, settings: DecodeSettings, eos_id: int, pad_id: int):
+def _sampler(model, settings: DecodeSettings):
   """The jitted sampling loop for one model and one set of (static) settings."""
   s = settings
   prefill, step = _model_fns(model, s.use_cache)
   n_new = s.max_new_tokens
 
-  def run(params, buf_BxT, mask_BxT, enc_BxS, enc_mask_BxS, rng):
+  def run(params, buf_BxT, mask_BxT, enc_BxS, enc_mask_BxS, rng, eos_id, pad_id):
     b, total = buf_BxT.shape
     P = total - n_new
     logits, cache, ctx = prefill(params, buf_BxT, mask_BxT, P, enc_BxS, enc_mask_BxS)
@@ -261,13 +261,13 @@ def _gather_beams(cache, idx_R):
 
 
 @functools.lru_cache(maxsize=32)
-def _beam_searcher(model, settings: DecodeSettings, eos_id: int, pad_id: int):
+def _beam_searcher(model, settings: DecodeSettings):
   """The jitted beam search for one model and one set of (static) settings."""
   s = settings
   W, n_new = s.num_beams, s.max_new_tokens
   prefill, step = _model_fns(model, True)
 
-  def run(params, buf_BxT, mask_BxT, enc_BxS, enc_mask_BxS):
+  def run(params, buf_BxT, mask_BxT, enc_BxS, enc_mask_BxS, eos_id, pad_id):
     b, total = buf_BxT.shape
     P = total - n_new
     rep = lambda x: None if x is None else jnp.repeat(x, W, axis=0)
@@ -320,13 +320,15 @@ def _beam_searcher(model, settings: DecodeSettings, eos_id: int, pad_id: int):
       logits, cache = step(params, cache, ctx, None, None, None, tok_R, length_R + t)
       return t + 1, alive_seq, alive_logp, logits, cache, seen, fin_seq, fin_score, new_done
 
-    st = (jnp.zeros((), jnp.int32), jnp.full((b, W, n_new), pad_id, buf_BxT.dtype), alive_logp,
-          logits, cache, seen, jnp.full((b, W, n_new), pad_id, buf_BxT.dtype),
+    pads = jnp.full((b, W, n_new), pad_id, buf_BxT.dtype)
+    st = (jnp.zeros((), jnp.int32), pads, alive_logp, logits, cache, seen, pads,
           jnp.full((b, W), _NEG, jnp.float32), jnp.zeros(b, bool))
     st = jax.lax.while_loop(cond, body, st)
-    t, alive_seq, alive_logp, fin_seq, fin_score = st[0], st[1], st[2], st[6], st[7]
-    alive_score = jnp.where(alive_logp > _NEG / 2, alive_logp / penalty(jnp.maximum(t, 1)), _NEG)
-    # a finished beam wins ties, and an alive one only counts where no finished one beats it
+    t, alive_seq, alive_logp, fin_seq, fin_score, done = st[0], st[1], st[2], st[6], st[7], st[8]
+    # rows not done ran all t steps; a done row's (frozen) alive beams cannot win
+    alive_ok = (alive_logp > _NEG / 2) & ~done[:, None]
+    alive_score = jnp.where(alive_ok, alive_logp / penalty(jnp.maximum(t, 1)), _NEG)
+    # a finished beam wins ties (argmax takes the first)
     score = jnp.concatenate([fin_score, alive_score], axis=1)
     seq = jnp.concatenate([fin_seq, alive_seq], axis=1)
     best = jnp.argmax(score, axis=1)
@@ -346,8 +348,9 @@ def _pack(prompt_ids, model, settings: DecodeSettings, pad_id: int, start_id: in
   longest = max(len(p) for p in prompt_ids)
   b = len(prompt_ids)
   if cfg.family == "decoder_only":
-    n_new = min(settings.max_new_tokens, cfg.max_len - longest)
-    P = longest
+    # prompt lengths rounded up to a multiple of 8 where the context allows: fewer compilations
+    P = max(longest, min(-(-longest // 8) * 8, cfg.max_len - settings.max_new_tokens))
+    n_new = min(settings.max_new_tokens, cfg.max_len - P)
     buf = np.full((b, P + n_new), pad_id, np.int32)
     mask = np.zeros((b, P + n_new), np.int32)
     for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at column P - 1
@@ -361,8 +364,9 @@ def _pack(prompt_ids, model, settings: DecodeSettings, pad_id: int, start_id: in
     buf[:, 0] = start_id
     mask = np.zeros((b, P + n_new), np.int32)
     mask[:, 0] = 1
-    enc = np.full((b, longest), pad_id, np.int32)
-    enc_mask = np.zeros((b, longest), np.int32)
+    width = max(longest, min(-(-longest // 8) * 8, cfg.max_len))  # fewer compilations
+    enc = np.full((b, width), pad_id, np.int32)
+    enc_mask = np.zeros((b, width), np.int32)
     for i, p in enumerate(prompt_ids):
       enc[i, :len(p)] = p
       enc_mask[i, :len(p)] = 1
@@ -400,8 +404,9 @@ def generate(model, params, prompt_ids: Sequence[Sequence[int]], settings: Decod
   static, buf, mask, enc, enc_mask = _pack(prompt_ids, model, settings, pad_id,
                                            pad_id if start_id is None else start_id)
   rng = jax.random.key(settings.seed) if rng is None else rng
-  eos = -1 if eos_id is None else int(eos_id)
-  out, _ = _sampler(model, static, eos, int(pad_id))(params, buf, mask, enc, enc_mask, rng)
+  eos = jnp.asarray(-1 if eos_id is None else int(eos_id), jnp.int32)
+  pad_id = jnp.asarray(pad_id, jnp.int32)
+  out, _ = _sampler(model, static)(params, buf, mask, enc, enc_mask, rng, eos, pad_id)
   return [trim(row, eos_id, settings.stop) for row in np.asarray(out)]
 
 
@@ -411,8 +416,9 @@ def beam_search(model, params, prompt_ids: Sequence[Sequence[int]], settings: De
   """The best beam (sum log p / length ** length_penalty) of settings.num_beams per prompt."""
   static, buf, mask, enc, enc_mask = _pack(prompt_ids, model, settings, pad_id,
                                            pad_id if start_id is None else start_id)
-  eos = -1 if eos_id is None else int(eos_id)
-  out, _ = _beam_searcher(model, static, eos, int(pad_id))(params, buf, mask, enc, enc_mask)
+  eos = jnp.asarray(-1 if eos_id is None else int(eos_id), jnp.int32)
+  pad_id = jnp.asarray(pad_id, jnp.int32)
+  out, _ = _beam_searcher(model, static)(params, buf, mask, enc, enc_mask, eos, pad_id)
   return [trim(row, eos_id, settings.stop) for row in np.asarray(out)]
 
 
@@ -422,6 +428,7 @@ def generate_padded(model, params, prompt_ids, settings: DecodeSettings, eos_id,
   static, buf, mask, enc, enc_mask = _pack(prompt_ids, model, settings, pad_id,
                                            pad_id if start_id is None else start_id)
   rng = jax.random.key(settings.seed) if rng is None else rng
-  eos = -1 if eos_id is None else int(eos_id)
-  out, steps = _sampler(model, static, eos, int(pad_id))(params, buf, mask, enc, enc_mask, rng)
+  eos = jnp.asarray(-1 if eos_id is None else int(eos_id), jnp.int32)
+  pad_id = jnp.asarray(pad_id, jnp.int32)
+  out, steps = _sampler(model, static)(params, buf, mask, enc, enc_mask, rng, eos, pad_id)
   return np.asarray(out), int(steps)
