@@ -1,0 +1,485 @@
+"""Config sweeps: a grid or random sample over config fields, one `run.py --mode=train` per point.
+
+  python experiments/sweep.py --config=configs/gpt.py:tiny --root=runs/lr_sweep \
+      --sweep='train.learning_rate=1e-3,3e-3;model.num_layers=2,4' --set='train.steps=200'
+  python experiments/sweep.py ... --random=6 --seed=0 \
+      --sweep='train.learning_rate=loguniform(1e-4,1e-2);model.num_layers=2,4'
+  python experiments/sweep.py ... --sweep_file=spec.json --cluster=slurm --slurm_partition=gpu
+
+Every run gets ROOT/<run id>, the run id being a hash of its resolved config. Runs are
+launched through submitit (cluster local, slurm or debug: the same code path) at most
+--parallel at a time. ROOT/registry.jsonl holds one line per run (id, overrides, git
+commit, status pending/running/done/failed, final metrics from its metrics.jsonl), and
+ROOT/sweep_results.{md,csv} the comparison table, which is also printed. A run that
+finished is skipped when the sweep is run again; a failed or interrupted one is
+relaunched and resumes from its last checkpoint. A sweep field that is not in the
+config stops everything before a single run starts, with one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import io
+import itertools
+import json
+import math
+import os
+import pathlib
+import random
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gptjax import config_schema  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "configs/gpt.py:tiny", "Base config, FILE:VARIANT.")
+flags.DEFINE_string("root", "runs/sweep", "Folder holding one workdir per run and the registry.")
+flags.DEFINE_string("sweep", "", "FIELD=V1,V2;FIELD=... (or FIELD=loguniform(a,b) etc. with --random).")
+flags.DEFINE_string("sweep_file", "", "A JSON file {field: [values] or 'loguniform(a,b)'}.")
+flags.DEFINE_string("set", "", "Fixed overrides for every run: FIELD=V;FIELD=V.")
+flags.DEFINE_integer("random", 0, "0: the full grid; N: N distinct random points.")
+flags.DEFINE_integer("seed", 0, "Seed of the random sample.")
+flags.DEFINE_enum("cluster", "local", ["local", "slurm", "debug"], "Where submitit runs the jobs.")
+flags.DEFINE_integer("parallel", 2, "Runs at the same time (0: all).")
+flags.DEFINE_integer("timeout_min", 240, "Time limit of one run.")
+flags.DEFINE_integer("cpus_per_task", 0, "CPUs per run on SLURM (0: the cluster default).")
+flags.DEFINE_integer("gpus_per_node", 0, "GPUs per run on SLURM.")
+flags.DEFINE_string("slurm_partition", "", "SLURM partition.")
+flags.DEFINE_string("sort_by", "eval_loss", "Metric the table is sorted by (ascending).")
+flags.DEFINE_bool("dry_run", False, "Check the spec and print the runs, launch nothing.")
+
+REGISTRY = "registry.jsonl"
+TABLE_METRICS = ("step", "loss", "eval_loss", "eval_lm_perplexity", "eval_mlm_accuracy",
+                 "eval_lm_accuracy", "tokens_per_sec", "wall_s")
+_DIST = re.compile(r"^(uniform|loguniform|randint)\(\s*([^,]+)\s*,\s*([^)]+)\s*\)$")
+
+
+# ============================================================================ spec
+def load_base_config(spec: str):
+  """The locked ConfigDict of `FILE:VARIANT`, loaded as run.py loads it."""
+  path, _, variant = spec.partition(":")
+  full = pathlib.Path(path) if os.path.isabs(path) else REPO / path
+  if not full.exists():
+    raise ConfigError(f"--config={spec}: no such config file {full}")
+  module_spec = importlib.util.spec_from_file_location(f"sweep_cfg_{full.stem}", full)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _field_name(name: str) -> str:
+  name = name.strip()
+  return name[len("config."):] if name.startswith("config.") else name
+
+
+def _leaf(config, field: str, where: str):
+  """(parent ConfigDict, leaf key) of a dotted field; ConfigError naming it if absent."""
+  node = config
+  *parents, leaf = field.split(".")
+  for p in parents:
+    if not hasattr(node, "keys") or p not in node:
+      raise ConfigError(f"{where}: config.{field} is not a config field of --config={FLAGS.config}")
+    node = node[p]
+  if not hasattr(node, "keys") or leaf not in node or hasattr(node[leaf], "keys"):
+    raise ConfigError(f"{where}: config.{field} is not a config field of --config={FLAGS.config}")
+  return node, leaf
+
+
+def parse_value(config, field: str, text: Any, where: str):
+  """`text` as the type of config.`field` (bool/int/float/str)."""
+  node, leaf = _leaf(config, field, where)
+  current = node[leaf]
+  if not isinstance(text, str):
+    value = text
+  elif isinstance(current, bool):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ConfigError(f"{where}: config.{field}={text!r} is not a bool")
+    value = text.lower() in ("true", "1")
+  elif isinstance(current, int):
+    try:
+      value = int(text) if re.fullmatch(r"-?\d+", text.strip()) else int(float(text))
+    except ValueError:
+      raise ConfigError(f"{where}: config.{field}={text!r} is not an integer") from None
+  elif isinstance(current, float):
+    try:
+      value = float(text)
+    except ValueError:
+      raise ConfigError(f"{where}: config.{field}={text!r} is not a number") from None
+  elif isinstance(current, str):
+    value = text
+  else:
+    raise ConfigError(f"{where}: config.{field} has type {type(current).__name__}, which a sweep "
+                      "cannot set")
+  if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+    if value != int(value):
+      raise ConfigError(f"{where}: config.{field}={value} is not an integer")
+    value = int(value)
+  return value
+
+
+def parse_spec(text: str, where: str) -> dict[str, Any]:
+  """'a.b=1,2;c.d=x' -> {'a.b': ['1', '2'], 'c.d': ['x']}; distributions stay strings."""
+  spec: dict[str, Any] = {}
+  for part in filter(None, (p.strip() for p in text.split(";"))):
+    if "=" not in part:
+      raise ConfigError(f"{where}: {part!r} is not FIELD=VALUES")
+    field, values = part.split("=", 1)
+    values = values.strip()
+    spec[_field_name(field)] = values if _DIST.match(values) else [v.strip() for v in values.split(",")]
+  return spec
+
+
+def checked_spec(config, spec: dict[str, Any], where: str) -> dict[str, Any]:
+  """Every field exists and every value parses; distributions become (kind, low, high)."""
+  out = {}
+  for field, values in spec.items():
+    field = _field_name(field)
+    if isinstance(values, str):
+      m = _DIST.match(values.strip())
+      if not m:
+        values = [values]
+      else:
+        _leaf(config, field, where)
+        kind, low, high = m.group(1), float(m.group(2)), float(m.group(3))
+        if not FLAGS.random:
+          raise ConfigError(f"{where}: config.{field}={values} is a distribution; it needs --random=N")
+        if high <= low or (kind == "loguniform" and low <= 0):
+          raise ConfigError(f"{where}: config.{field}={values} is an empty or invalid range")
+        out[field] = (kind, low, high)
+        continue
+    if not isinstance(values, (list, tuple)) or not values:
+      raise ConfigError(f"{where}: config.{field} needs a non-empty list of values")
+    out[field] = [parse_value(config, field, v, where) for v in values]
+  return out
+
+
+def _sample(rng: random.Random, dist):
+  kind, low, high = dist
+  if kind == "uniform":
+    return rng.uniform(low, high)
+  if kind == "randint":
+    return rng.randint(int(low), int(high))
+  return float(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.3g}")
+
+
+def points(spec: dict[str, Any], num_random: int, seed: int) -> list[dict[str, Any]]:
+  """The grid (num_random=0) or `num_random` random points of it, in a fixed order."""
+  fields = list(spec)
+  if not num_random:
+    return [dict(zip(fields, combo)) for combo in itertools.product(*(spec[f] for f in fields))]
+  rng = random.Random(seed)
+  grid_size = math.prod(len(v) for v in spec.values() if isinstance(v, list))
+  has_dist = any(isinstance(v, tuple) for v in spec.values())
+  want = num_random if has_dist else min(num_random, grid_size)
+  out, seen = [], set()
+  for _ in range(100 * want):
+    if len(out) == want:
+      break
+    point = {f: (_sample(rng, v) if isinstance(v, tuple) else rng.choice(v)) for f, v in spec.items()}
+    key = json.dumps(point, sort_keys=True)
+    if key not in seen:
+      seen.add(key)
+      out.append(point)
+  return out
+
+
+def resolve(base_spec: str, overrides: dict[str, Any]):
+  """The base config with `overrides` applied, validated as run.py validates it."""
+  config = load_base_config(base_spec)
+  for field, value in overrides.items():
+    node, leaf = _leaf(config, field, "--sweep")
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError, KeyError) as e:
+      raise ConfigError(f"config.{field}={value!r}: {' '.join(str(e).split())}") from None
+  config_schema.validate(config)
+  return config
+
+
+def run_id(config) -> str:
+  """The id of a run: a hash of its fully resolved config."""
+  text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _format(value) -> str:
+  return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, float) \
+      else str(value)
+
+
+def train_command(base_spec: str, workdir: str, overrides: dict[str, Any]) -> list[str]:
+  """The run.py command line of one run."""
+  return [sys.executable, str(REPO / "run.py"), f"--config={base_spec}", f"--workdir={workdir}",
+          "--mode=train", "--config.train.progress=False",
+          *(f"--config.{k}={_format(v)}" for k, v in overrides.items())]
+
+
+# ============================================================================ one run (the job)
+def final_metrics(workdir: str) -> dict[str, float]:
+  """The last value of every metric in WORKDIR/metrics.jsonl (train and eval records)."""
+  out: dict[str, float] = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return out
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        out.update(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
+
+
+def train_run(command: list[str], workdir: str) -> dict[str, Any]:
+  """Runs one training command (inside a submitit job); writes WORKDIR/sweep_result.json."""
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  with open(os.path.join(workdir, "train.log"), "a", encoding="utf-8") as log:
+    proc = subprocess.run(command, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, check=False)
+  result = {"returncode": proc.returncode, "wall_s": round(time.time() - start, 1)}
+  tmp = os.path.join(workdir, "sweep_result.json.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(result, f)
+  os.replace(tmp, os.path.join(workdir, "sweep_result.json"))
+  return result
+
+
+def _finished(workdir: str):
+  path = os.path.join(workdir, "sweep_result.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _last_error(workdir: str) -> str:
+  path = os.path.join(workdir, "train.log")
+  if not os.path.exists(path):
+    return ""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [ln.strip() for ln in f if ln.strip()]
+  errors = [ln for ln in lines if ln.startswith("error:") or "Error" in ln]
+  return (errors or lines or [""])[-1][:300]
+
+
+# ============================================================================ registry
+class Registry:
+  """ROOT/registry.jsonl: one JSON line per run, rewritten whole (atomically) on every change."""
+
+  def __init__(self, root: str):
+    self.path = os.path.join(root, REGISTRY)
+    self.runs: dict[str, dict] = {}
+    if os.path.exists(self.path):
+      with open(self.path, encoding="utf-8") as f:
+        for line in f:
+          if line.strip():
+            r = json.loads(line)
+            self.runs[r["run_id"]] = r
+
+  def update(self, rid: str, **fields) -> dict:
+    """Merges `fields` into run `rid` and writes the file."""
+    self.runs.setdefault(rid, {"run_id": rid}).update(fields)
+    self.save()
+    return self.runs[rid]
+
+  def save(self) -> None:
+    """Writes every run, one line each."""
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      for r in self.runs.values():
+        f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, self.path)
+
+
+def refresh(registry: Registry, rid: str) -> dict:
+  """Status and final metrics of run `rid` from its workdir."""
+  r = registry.runs[rid]
+  result = _finished(r["workdir"])
+  if result is None:
+    return r
+  status = "done" if result["returncode"] == 0 else "failed"
+  metrics = {k: v for k, v in final_metrics(r["workdir"]).items() if isinstance(v, (int, float))}
+  metrics["wall_s"] = result.get("wall_s")
+  extra = {"error": _last_error(r["workdir"])} if status == "failed" else {"error": ""}
+  return registry.update(rid, status=status, returncode=result["returncode"], metrics=metrics,
+                         finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
+
+
+# ============================================================================ table
+def table_rows(registry: Registry, sort_by: str) -> tuple[list[str], list[dict]]:
+  """(columns, rows) across every run in the registry, best `sort_by` first."""
+  fields = sorted({f for r in registry.runs.values() for f in r.get("overrides", {})})
+  varying = [f for f in fields
+             if len({json.dumps(r.get("overrides", {}).get(f)) for r in registry.runs.values()}) > 1]
+  fields = varying or fields  # fields fixed across every run are in the registry, not the table
+  metric_names = [m for m in TABLE_METRICS
+                  if any(m in r.get("metrics", {}) for r in registry.runs.values())]
+  columns = ["run_id", "status", *fields, *metric_names]
+  rows = []
+  for r in registry.runs.values():
+    row = {"run_id": r["run_id"], "status": r.get("status", "")}
+    row.update({f: r.get("overrides", {}).get(f, "") for f in fields})
+    row.update({m: r.get("metrics", {}).get(m, "") for m in metric_names})
+    rows.append(row)
+  key = lambda row: (not isinstance(row.get(sort_by), (int, float)),
+                     row.get(sort_by) if isinstance(row.get(sort_by), (int, float)) else 0)
+  return columns, sorted(rows, key=key)
+
+
+def _cell(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
+  return str(v)
+
+
+def write_tables(root: str, registry: Registry, sort_by: str) -> str:
+  """Writes ROOT/sweep_results.{md,csv}; returns the markdown."""
+  columns, rows = table_rows(registry, sort_by)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+  lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+  markdown = "\n".join(lines) + "\n"
+  with open(os.path.join(root, "sweep_results.md"), "w", encoding="utf-8") as f:
+    f.write(markdown)
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  with open(os.path.join(root, "sweep_results.csv"), "w", encoding="utf-8", newline="") as f:
+    f.write(buf.getvalue())
+  return markdown
+
+
+# ============================================================================ launch
+def make_executor(root: str):
+  """A submitit executor for --cluster; the same call for local, slurm and debug."""
+  import submitit  # pylint: disable=g-import-not-at-top
+  executor = submitit.AutoExecutor(folder=os.path.join(root, "submitit"), cluster=FLAGS.cluster)
+  params: dict[str, Any] = {"timeout_min": FLAGS.timeout_min, "name": "gptjax_sweep"}
+  if FLAGS.cluster == "slurm":
+    params.update(nodes=1, tasks_per_node=1)
+    if FLAGS.cpus_per_task:
+      params["cpus_per_task"] = FLAGS.cpus_per_task
+    if FLAGS.gpus_per_node:
+      params["gpus_per_node"] = FLAGS.gpus_per_node
+    if FLAGS.slurm_partition:
+      params["slurm_partition"] = FLAGS.slurm_partition
+  executor.update_parameters(**params)
+  return executor
+
+
+def plan(argv_spec: str, spec_file: str, fixed_text: str):
+  """Checks the whole spec against the config; returns [(run id, overrides, config)]."""
+  base = load_base_config(FLAGS.config)
+  spec = parse_spec(argv_spec, "--sweep")
+  if spec_file:
+    with open(spec_file, encoding="utf-8") as f:
+      spec.update({_field_name(k): v for k, v in json.load(f).items()})
+  if not spec:
+    raise ConfigError("nothing to sweep: give --sweep='FIELD=V1,V2' or --sweep_file=spec.json")
+  spec = checked_spec(base, spec, "--sweep")
+  fixed = {f: v[0] for f, v in checked_spec(base, parse_spec(fixed_text, "--set"), "--set").items()}
+  runs = []
+  for point in points(spec, FLAGS.random, FLAGS.seed):
+    overrides = {**fixed, **point}
+    config = resolve(FLAGS.config, overrides)
+    runs.append((run_id(config), overrides, config))
+  return runs
+
+
+def sweep(root: str) -> Registry:
+  """Plans, skips finished runs, launches the rest through submitit and waits for them."""
+  runs = plan(FLAGS.sweep, FLAGS.sweep_file, FLAGS.set)
+  os.makedirs(root, exist_ok=True)
+  registry = Registry(root)
+  from gptjax import run_records  # pylint: disable=g-import-not-at-top
+  commit = run_records.git_commit()
+  todo = []
+  for rid, overrides, _ in runs:
+    workdir = os.path.join(os.path.abspath(root), rid)
+    if rid not in registry.runs or registry.runs[rid].get("status") != "done":
+      registry.update(rid, overrides=overrides, workdir=workdir, base_config=FLAGS.config,
+                      git_commit=commit, status="pending")
+    r = refresh(registry, rid)
+    if r["status"] == "done":
+      print(f"[sweep] {rid} done already, skipped  {overrides}", flush=True)
+    else:
+      todo.append(rid)
+  print(f"[sweep] {len(runs)} runs: {len(runs) - len(todo)} finished, {len(todo)} to launch "
+        f"on {FLAGS.cluster}", flush=True)
+  if FLAGS.dry_run or not todo:
+    return registry
+  executor = make_executor(root)
+  limit = FLAGS.parallel or len(todo)
+  queue, running = list(todo), {}
+  total, finished = len(todo), 0
+  while queue or running:
+    while queue and len(running) < limit:
+      rid = queue.pop(0)
+      r = registry.runs[rid]
+      stale = os.path.join(r["workdir"], "sweep_result.json")
+      if os.path.exists(stale):
+        os.remove(stale)  # a failed attempt: relaunch (training resumes from its checkpoint)
+      command = train_command(FLAGS.config, r["workdir"], r["overrides"])
+      job = executor.submit(train_run, command, r["workdir"])
+      registry.update(rid, status="running", job_id=str(job.job_id), command=" ".join(command[1:]),
+                      started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+      running[rid] = job
+      print(f"[sweep] launched {rid} (job {job.job_id})  {r['overrides']}", flush=True)
+    done_now = [rid for rid, job in running.items() if FLAGS.cluster == "debug" or job.done()]
+    if not done_now:
+      time.sleep(1.0)
+      continue
+    for rid in done_now:
+      job = running.pop(rid)
+      try:
+        job.result()
+      except Exception as e:  # pylint: disable=broad-except
+        registry.update(rid, status="failed", error=" ".join(str(e).split())[:300])
+      r = refresh(registry, rid)
+      if r["status"] == "running":  # the job died before writing its result
+        registry.update(rid, status="failed", error="job ended without a result")
+        r = registry.runs[rid]
+      finished += 1
+      loss = r.get("metrics", {}).get(FLAGS.sort_by, "")
+      print(f"[sweep] {finished}/{total} {rid} {r['status']}"
+            + (f"  {FLAGS.sort_by}={loss:.4f}" if isinstance(loss, float) else "")
+            + (f"  {r.get('error')}" if r["status"] == "failed" else ""), flush=True)
+  return registry
+
+
+def main(argv):
+  """Runs the sweep, then prints and writes the comparison table."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  root = FLAGS.root
+  try:
+    registry = sweep(root)
+  except (ConfigError, FileNotFoundError, json.JSONDecodeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.dry_run:
+    for r in registry.runs.values():
+      print(f"{r['run_id']}  {r.get('status')}  {r.get('overrides')}")
+    return
+  markdown = write_tables(root, registry, FLAGS.sort_by)
+  print(markdown, end="")
+  print(f"[sweep] table: {os.path.join(root, 'sweep_results.md')} and .csv; registry: "
+        f"{os.path.join(root, REGISTRY)}")
+  if any(r.get("status") == "failed" for r in registry.runs.values()):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
