@@ -59,6 +59,9 @@ flags.DEFINE_integer("gpus_per_node", 0, "GPUs per run on SLURM.")
 flags.DEFINE_string("slurm_partition", "", "SLURM partition.")
 flags.DEFINE_string("sort_by", "eval_loss", "Metric the table is sorted by (ascending).")
 flags.DEFINE_bool("dry_run", False, "Check the spec and print the runs, launch nothing.")
+flags.DEFINE_bool("prepare", True, "Build each distinct corpus/tokenizer once before launching, so "
+                  "parallel runs do not race to prepare the same data cache.")
+flags.DEFINE_integer("retries", 1, "Relaunches of a failed run (it resumes from its checkpoint).")
 
 REGISTRY = "registry.jsonl"
 TABLE_METRICS = ("step", "loss", "eval_loss", "eval_lm_perplexity", "eval_mlm_accuracy",
@@ -88,12 +91,13 @@ def _leaf(config, field: str, where: str):
   """(parent ConfigDict, leaf key) of a dotted field; ConfigError naming it if absent."""
   node = config
   *parents, leaf = field.split(".")
+  base = f"{config.name}:{config.variant}" if "name" in config else "the base config"
   for p in parents:
     if not hasattr(node, "keys") or p not in node:
-      raise ConfigError(f"{where}: config.{field} is not a config field of --config={FLAGS.config}")
+      raise ConfigError(f"{where}: config.{field} is not a config field of {base}")
     node = node[p]
   if not hasattr(node, "keys") or leaf not in node or hasattr(node[leaf], "keys"):
-    raise ConfigError(f"{where}: config.{field} is not a config field of --config={FLAGS.config}")
+    raise ConfigError(f"{where}: config.{field} is not a config field of {base}")
   return node, leaf
 
 
@@ -141,7 +145,7 @@ def parse_spec(text: str, where: str) -> dict[str, Any]:
   return spec
 
 
-def checked_spec(config, spec: dict[str, Any], where: str) -> dict[str, Any]:
+def checked_spec(config, spec: dict[str, Any], where: str, random_ok: bool) -> dict[str, Any]:
   """Every field exists and every value parses; distributions become (kind, low, high)."""
   out = {}
   for field, values in spec.items():
@@ -153,7 +157,7 @@ def checked_spec(config, spec: dict[str, Any], where: str) -> dict[str, Any]:
       else:
         _leaf(config, field, where)
         kind, low, high = m.group(1), float(m.group(2)), float(m.group(3))
-        if not FLAGS.random:
+        if not random_ok:
           raise ConfigError(f"{where}: config.{field}={values} is a distribution; it needs --random=N")
         if high <= low or (kind == "loguniform" and low <= 0):
           raise ConfigError(f"{where}: config.{field}={values} is an empty or invalid range")
@@ -362,6 +366,23 @@ def write_tables(root: str, registry: Registry, sort_by: str) -> str:
 
 
 # ============================================================================ launch
+def prepare_data(configs: list) -> None:
+  """Builds the tokenizer and token arrays of every distinct data config once, in this process."""
+  from gptjax import input_pipeline, tokenization  # pylint: disable=g-import-not-at-top
+  seen = set()
+  for config in configs:
+    key = json.dumps([config.data.to_dict(), config.objective, config.model.family,
+                      config.model.vocab_size], sort_keys=True, default=str)
+    if key in seen:
+      continue
+    seen.add(key)
+    print(f"[sweep] preparing data: corpus={config.data.corpus} tokenizer="
+          f"{config.data.tokenizer.kind}/{config.data.tokenizer.vocab_size}", flush=True)
+    tok = tokenization.load_or_train_tokenizer(config)
+    for split in ("train", input_pipeline._eval_split(config)):  # pylint: disable=protected-access
+      input_pipeline.Examples(config, tok, split)
+
+
 def make_executor(root: str):
   """A submitit executor for --cluster; the same call for local, slurm and debug."""
   import submitit  # pylint: disable=g-import-not-at-top
@@ -388,8 +409,9 @@ def plan(argv_spec: str, spec_file: str, fixed_text: str):
       spec.update({_field_name(k): v for k, v in json.load(f).items()})
   if not spec:
     raise ConfigError("nothing to sweep: give --sweep='FIELD=V1,V2' or --sweep_file=spec.json")
-  spec = checked_spec(base, spec, "--sweep")
-  fixed = {f: v[0] for f, v in checked_spec(base, parse_spec(fixed_text, "--set"), "--set").items()}
+  spec = checked_spec(base, spec, "--sweep", FLAGS.random > 0)
+  fixed = {f: v[0] for f, v in checked_spec(base, parse_spec(fixed_text, "--set"), "--set",
+                                            False).items()}
   runs = []
   for point in points(spec, FLAGS.random, FLAGS.seed):
     overrides = {**fixed, **point}
@@ -420,10 +442,12 @@ def sweep(root: str) -> Registry:
         f"on {FLAGS.cluster}", flush=True)
   if FLAGS.dry_run or not todo:
     return registry
+  if FLAGS.prepare:
+    prepare_data([config for rid, _, config in runs if rid in todo])
   executor = make_executor(root)
   limit = FLAGS.parallel or len(todo)
   queue, running = list(todo), {}
-  total, finished = len(todo), 0
+  total, finished, attempts = len(todo), 0, {rid: 0 for rid in todo}
   while queue or running:
     while queue and len(running) < limit:
       rid = queue.pop(0)
@@ -433,6 +457,7 @@ def sweep(root: str) -> Registry:
         os.remove(stale)  # a failed attempt: relaunch (training resumes from its checkpoint)
       command = train_command(FLAGS.config, r["workdir"], r["overrides"])
       job = executor.submit(train_run, command, r["workdir"])
+      attempts[rid] += 1
       registry.update(rid, status="running", job_id=str(job.job_id), command=" ".join(command[1:]),
                       started=time.strftime("%Y-%m-%dT%H:%M:%S"))
       running[rid] = job
@@ -451,6 +476,11 @@ def sweep(root: str) -> Registry:
       if r["status"] == "running":  # the job died before writing its result
         registry.update(rid, status="failed", error="job ended without a result")
         r = registry.runs[rid]
+      if r["status"] == "failed" and attempts[rid] <= FLAGS.retries:
+        print(f"[sweep] {rid} failed ({r.get('error')}); relaunching, attempt {attempts[rid] + 1}",
+              flush=True)
+        queue.append(rid)
+        continue
       finished += 1
       loss = r.get("metrics", {}).get(FLAGS.sort_by, "")
       print(f"[sweep] {finished}/{total} {rid} {r['status']}"
