@@ -220,7 +220,7 @@ def hidden_states(ckpt: Checkpoint, batch: dict) -> dict[str, np.ndarray]:
   hidden = jax.device_get(run(ckpt.params, batch))
   masks = _valid_masks(batch, objective)
   out = {}
-  for name in sorted(hidden, key=_natural):
+  for name in sorted(hidden, key=lambda n: (not n.startswith("encoder"), _natural(n))):
     stack = name.split("/")[0]
     h_BxLxD = np.asarray(hidden[name], np.float64)
     out[name] = h_BxLxD[masks.get(stack, np.ones(h_BxLxD.shape[:2], bool))]
