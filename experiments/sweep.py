@@ -213,8 +213,11 @@ def resolve(base_spec: str, overrides: dict[str, Any]):
 
 
 def run_id(config) -> str:
-  """The id of a run: a hash of its fully resolved config."""
-  text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+  """The id of a run: a hash of its fully resolved config (less machine-local paths)."""
+  resolved = json.loads(config.to_json_best_effort())
+  for section, key in (("data", "raw_dir"), ("data", "tfds_data_dir"), ("train", "progress")):
+    resolved.get(section, {}).pop(key, None)
+  text = json.dumps(resolved, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
