@@ -30,6 +30,8 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, best_metric: str = "eval_loss",
                async_save: bool = True, read_only: bool = False):
     self.best_metric = best_metric
+    self.workdir = os.path.abspath(workdir)
+    self.read_only = read_only
     policies = [ocp.checkpoint_managers.LatestN(n=max(keep, 1))]
     if best_metric:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -58,7 +60,8 @@ class Checkpointer:
     """Restores the newest readable checkpoint (or `step`): (step, state, meta), or None if none.
 
     A checkpoint that fails to read is reported and the previous one is tried, so a latest
-    checkpoint cut short by a crash never costs the run.
+    checkpoint cut short by a crash never costs the run. Unless read-only, the unreadable one is
+    moved (never deleted) to WORKDIR/corrupt_checkpoints/<step> so the run can save that step again.
     """
     candidates = [step] if step is not None else list(reversed(self.steps()))
     for s in candidates:
@@ -72,7 +75,24 @@ class Checkpointer:
                         message)
         print(f"warning: checkpoint at step {s} is incomplete or corrupt ({type(e).__name__}); "
               "restoring the previous one", flush=True)
+        if not self.read_only and step is None:
+          self._set_aside(s)
     return None
+
+  def _set_aside(self, step: int) -> None:
+    """Moves an unreadable checkpoint out of the manager's directory, keeping its files."""
+    src = os.path.join(checkpoint_dir(self.workdir), str(step))
+    if not os.path.isdir(src) or jax.process_index() != 0:
+      return
+    dst_root = os.path.join(self.workdir, "corrupt_checkpoints")
+    os.makedirs(dst_root, exist_ok=True)
+    dst = os.path.join(dst_root, str(step))
+    n = 1
+    while os.path.exists(dst):
+      dst, n = os.path.join(dst_root, f"{step}.{n}"), n + 1
+    os.rename(src, dst)
+    print(f"warning: moved the unreadable checkpoint to {dst}", flush=True)
+    self.manager.reload()
 
   def restore_meta(self, step: int) -> dict:
     """Only the JSON meta of a checkpoint."""

@@ -68,7 +68,7 @@ def test_prepared_tfds_dataset_is_usable_by_name(data_cache, tmp_path):
   config = _load("gpt", **{"data.corpus": "text_files", "data.text_files": str(tmp_path / "*.txt"),
                           "data.tfds_data_dir": str(prepared)})
   built = corpora.documents(config, "train")
-  name = next(prepared.iterdir()).name
+  name = next(p.name for p in prepared.iterdir() if p.name != "downloads")
   config_dir = next((prepared / name).iterdir()).name
   by_name = _load("gpt", **{"data.corpus": f"{name}/{config_dir}", "data.tfds_data_dir": str(prepared)})
   assert corpora.documents(by_name, "train") == built
