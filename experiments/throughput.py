@@ -24,7 +24,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gptjax import flops, models, sharding, train_step  # pylint: disable=g-import-not-at-top
+from gptjax import flops, layers, models, sharding, train_step  # pylint: disable=g-import-not-at-top
 from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -36,6 +36,8 @@ flags.DEFINE_integer("seq_len", 0, "Override the config's sequence length (0: ke
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_string("attention_impl", "", "einsum | dot_product (empty: config default).")
 flags.DEFINE_bool("scan_layers", False, "Scan over layers.")
+flags.DEFINE_list("slow_path", [], "gptjax.layers.PERF switches to turn off, for A/B runs "
+                  "(flat_dense, residual_grad_barrier).")
 flags.DEFINE_string("output", "", "Append JSON lines of results to this file.")
 
 # Named shapes from the performance issue.
@@ -123,11 +125,15 @@ def measure(family: str, variant: str, peak: float) -> dict:
   return {"family": family, "variant": variant, "params": n_params, "batch": b, "seq_len": l,
           "target_len": target_len, "dtype": FLAGS.dtype, "step_s": dt, "tokens_per_s": tokens / dt,
           "tflops_per_s": flop / dt / 1e12, "mfu": flop / dt / (peak * jax.device_count()),
-          "compile_s": compile_s, "peak_mem_gb": peak_memory_bytes() / 2 ** 30}
+          "slow_path": ",".join(FLAGS.slow_path), "compile_s": compile_s, "peak_mem_gb": peak_memory_bytes() / 2 ** 30}
 
 
 def main(argv):
   del argv
+  for name in FLAGS.slow_path:
+    if name not in layers.PERF:
+      raise SystemExit(f"error: --slow_path={name} is not a switch; choose from {', '.join(layers.PERF)}")
+    layers.PERF[name] = False
   dt = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
   n = 4096 if jax.default_backend() != "cpu" else 2048
   peak = flops.measure_matmul_peak(dt, n=n)

@@ -21,6 +21,41 @@ import numpy as np
 Array = jax.Array
 NEG_INF = -1e9  # large enough to zero a softmax term in float32, small enough for bfloat16 inputs
 
+# Performance switches, read at trace time, for A/B measurements (experiments/PERFORMANCE.md).
+# The defaults are the fast path; flipping one restores the slow path it replaced.
+PERF_DEFAULTS = {
+    "flat_dense": True,              # Dense as one 2-D matmul (see flat_matmul)
+    "residual_grad_barrier": True,   # materialise the residual gradient per block on XLA:CPU
+}
+PERF = dict(PERF_DEFAULTS)
+
+
+@jax.custom_vjp
+def residual_grad_barrier(x: Array) -> Array:
+  """Identity whose backward materialises the cotangent, on the CPU backend only.
+
+  XLA:CPU fuses the residual-stream gradient of every layer above into each of its consumers
+  (norm backward, weight-gradient matmuls, bias sums), recomputing the whole chain per layer:
+  quadratic in depth. `optimization_barrier` is expanded away before fusion on CPU, so the
+  cotangent goes through a `cond` whose two branches are both the identity; XLA cannot fuse
+  across a conditional. Numerically an identity in both directions.
+  """
+  return x
+
+
+def _barrier_fwd(x):
+  return x, None
+
+
+def _barrier_bwd(_, g):
+  if jax.default_backend() == "cpu":
+    pred = jnp.isnan(g[(0,) * g.ndim])
+    g = jax.lax.cond(pred, lambda t: t + 0.0, lambda t: t * 1.0, g)
+  return (g,)
+
+
+residual_grad_barrier.defvjp(_barrier_fwd, _barrier_bwd)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -231,6 +266,20 @@ def make_norm(cfg: ModelConfig, name: str) -> Norm:
 
 
 # --------------------------------------------------------------------- dense
+def flat_matmul(x: Array, kernel: Array, n_in: int) -> Array:
+  """x[..., *in] · kernel[*in, *out] as one 2-D matmul [tokens, prod(in)] x [prod(in), prod(out)].
+
+  The reshapes are free (row-major bitcasts). One contracting dimension keeps XLA:CPU from
+  transposing the output gradient for the weight-gradient matmul, a copy that its fusion pass
+  otherwise fills with the recomputed residual-stream gradient of every layer above.
+  """
+  in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+  lead = x.shape[:x.ndim - n_in]
+  k = math.prod(in_shape)
+  y = jnp.dot(x.reshape(-1, k), kernel.reshape(k, -1))
+  return y.reshape(lead + out_shape)
+
+
 class Dense(nn.Module):
   """y = x · W (+ b) over the trailing `in_shape` axes into `out_shape`, with axis names."""
   in_shape: tuple[int, ...]
@@ -245,10 +294,14 @@ class Dense(nn.Module):
     n_in, n_out = len(self.in_shape), len(self.out_shape)
     kernel = self.param("kernel", _normal(self.std, self.axes), self.in_shape + self.out_shape,
                         jnp.float32)
-    letters = "ijkmn"
-    lhs = "...%s" % letters[:n_in]
-    rhs = letters[:n_in] + "opq"[:n_out]
-    y = jnp.einsum(f"{lhs},{rhs}->...{'opq'[:n_out]}", x.astype(self.dtype), kernel.astype(self.dtype))
+    if PERF["flat_dense"]:
+      y = flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+    else:
+      letters = "ijkmn"
+      lhs = "...%s" % letters[:n_in]
+      rhs = letters[:n_in] + "opq"[:n_out]
+      y = jnp.einsum(f"{lhs},{rhs}->...{'opq'[:n_out]}", x.astype(self.dtype),
+                     kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", _zeros(self.axes[n_in:]), self.out_shape, jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -384,6 +437,8 @@ class TransformerLayer(nn.Module):
     pre = cfg.norm_position == "pre"
 
     def block(x, name, fn):
+      if PERF["residual_grad_barrier"]:
+        x = residual_grad_barrier(x)
       if pre:
         return x + drop(fn(make_norm(cfg, f"{name}_norm")(x)))
       return make_norm(cfg, f"{name}_norm")(x + drop(fn(x)))
