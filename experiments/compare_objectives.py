@@ -60,12 +60,12 @@ BODY = {"model.embed_dim": 256, "model.num_heads": 4, "model.mlp_dim": 1024,
         "model.vocab_size": 8192, "data.tokenizer.vocab_size": 8192, "model.max_len": 256}
 LAYERS = {"bert": {"model.num_layers": 4}, "gpt": {"model.num_layers": 4},
           "t5": {"model.num_layers": 2, "model.num_decoder_layers": 2},
-          "bart": {"model.num_layers": 2, "model.num_decoder_layers": 2}}
+          "bart": {"model.num_layers": 2, "model.num_decoder_layers": 2, "model.mlp_dim": 960}}
 PRESETS = {
     "smoke": dict(budget=8 * 32 * 12, seeds=[0], seq_len=32, batch=8, ft_steps=8, probe_steps=8,
                   eval_steps=2, variant="tiny", body={}),
-    "cpu": dict(budget=16 * 128 * 150, seeds=[0, 1], seq_len=128, batch=16, ft_steps=150,
-                probe_steps=100, eval_steps=10, variant="small", body=BODY),
+    "cpu": dict(budget=16 * 128 * 100, seeds=[0, 1], seq_len=128, batch=16, ft_steps=100,
+                probe_steps=60, eval_steps=10, variant="small", body=BODY),
 }
 
 
@@ -137,7 +137,9 @@ def finetune_config(arm: str, preset: dict, seed: int, init_from: str, trainable
     overrides.update(LAYERS[family])
   if family in ("t5", "bart"):
     overrides["data.target_len"] = 1
-  return _quiet(load_config(family, preset["variant"], overrides), steps, preset["eval_steps"] * 4)
+  # eval_steps 0: the whole sst2 dev split (872 sentences) for the smoke-free presets.
+  eval_steps = preset["eval_steps"] if FLAGS.preset == "smoke" else 0
+  return _quiet(load_config(family, preset["variant"], overrides), steps, eval_steps)
 
 
 def run_once(config, workdir: str, label: str) -> dict:
@@ -197,7 +199,7 @@ def write_outputs(out: str, rows: list, majority: float) -> None:
     w.writerows(rows)
   arms = list(dict.fromkeys(r["arm"] for r in rows))
   cols = [("params", "params"), ("pretrain_steps", "steps"), ("loss_tokens", "loss-bearing tokens"),
-          ("intrinsic", "intrinsic metric"), ("probe_acc", "sst2 probe"), ("finetune_acc", "sst2 fine-tune"),
+          ("intrinsic", "intrinsic metric"), ("pair_acc", "NSP/SOP accuracy"), ("probe_acc", "sst2 probe"), ("finetune_acc", "sst2 fine-tune"),
           ("scratch_acc", "sst2 scratch")]
   lines = ["| arm | " + " | ".join(c[1] for c in cols) + " | published direction |",
            "|---|" + "---|" * (len(cols) + 1)]
@@ -211,6 +213,10 @@ def write_outputs(out: str, rows: list, majority: float) -> None:
         name = next((r.get("intrinsic_name") for r in rows if r["arm"] == arm), "")
         m, s = _mean_std(vals)
         cells.append(f"{name} {m:.3f} ± {s:.3f}")
+      elif key == "pair_acc":
+        name = next((r.get("pair_name") for r in rows if r["arm"] == arm), "")
+        m, s = _mean_std(vals)
+        cells.append(f"{name} {m:.3f} ± {s:.3f}" if name else "")
       else:
         m, s = _mean_std(vals)
         cells.append(f"{m:.3f} ± {s:.3f}")
@@ -266,9 +272,15 @@ def _curve(workdir: str, flops_per_step: float) -> list:
   return points
 
 
-INTRINSIC = {"mlm": "eval_mlm_accuracy", "mlm_nsp": "eval_nsp_accuracy", "mlm_sop": "eval_sop_accuracy",
-             "next_token": "eval_lm_perplexity", "prefix_lm": "eval_lm_perplexity",
-             "span_corruption": "eval_span_accuracy", "bart_denoise": "eval_span_accuracy"}
+# arm -> (shown name, eval metric); an MLM+SOP run reports SOP through the pair head's nsp_ keys.
+INTRINSIC = {"mlm": ("mlm_accuracy", "eval_mlm_accuracy"),
+             "mlm_nsp": ("mlm_accuracy", "eval_mlm_accuracy"),
+             "mlm_sop": ("mlm_accuracy", "eval_mlm_accuracy"),
+             "next_token": ("lm_perplexity", "eval_lm_perplexity"),
+             "prefix_lm": ("lm_perplexity", "eval_lm_perplexity"),
+             "span_corruption": ("span_accuracy", "eval_span_accuracy"),
+             "bart_denoise": ("span_accuracy", "eval_span_accuracy")}
+PAIR_METRIC = {"mlm_nsp": "nsp", "mlm_sop": "sop"}
 
 
 def main(argv):
@@ -282,6 +294,11 @@ def main(argv):
     raise SystemExit(f"error: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
   seeds = [int(s) for s in FLAGS.seeds] or preset["seeds"]
   configs = {(a, s): pretrain_config(a, preset, s) for a in arms for s in seeds}  # checks budgets
+  counts = {a: _param_count(configs[(a, seeds[0])]) for a in arms}
+  print("parameters: " + ", ".join(f"{a} {n / 1e6:.2f}M" for a, n in counts.items()), flush=True)
+  if max(counts.values()) > 1.1 * min(counts.values()):
+    print(f"warning: parameter counts differ by more than 10% (the {FLAGS.preset} preset does not "
+          "equalise model sizes)", flush=True)
   os.makedirs(FLAGS.out, exist_ok=True)
   majority = majority_baseline()
   rows = []
@@ -301,14 +318,18 @@ def main(argv):
                        os.path.join(root, "probe"), "linear probe")
       full = run_once(finetune_config(arm, preset, seed, pre_dir, "all", ft_steps),
                       os.path.join(root, "finetune"), "fine-tune")
+      family = ARMS[arm][0]  # scratch depends on the family only: trained once, shared by arms
       scratch = run_once(finetune_config(arm, preset, seed, "", "all", ft_steps),
-                         os.path.join(root, "scratch"), "scratch")
+                         os.path.join(FLAGS.out, f"scratch_{family}", f"seed{seed}"),
+                         f"scratch ({family})")
       rows.append({
           "arm": arm, "seed": seed, "params": pre.get("params"),
           "pretrain_steps": c.train.steps,
           "loss_tokens": int(pre.get("loss_tokens_total", 0)),
-          "intrinsic_name": INTRINSIC[arm].replace("eval_", ""),
-          "intrinsic": pre.get(INTRINSIC[arm]),
+          "intrinsic_name": INTRINSIC[arm][0],
+          "intrinsic": pre.get(INTRINSIC[arm][1]),
+          "pair_name": PAIR_METRIC.get(arm, ""),
+          "pair_acc": pre.get("eval_nsp_accuracy") if arm in PAIR_METRIC else None,
           "probe_acc": probe.get("eval_class_accuracy"),
           "finetune_acc": full.get("eval_class_accuracy"),
           "scratch_acc": scratch.get("eval_class_accuracy"),
