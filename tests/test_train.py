@@ -173,3 +173,15 @@ def test_each_objective_trains_its_family(tmp_path, family, objective, extra):
   first = np.mean([losses[s] for s in sorted(losses)[:3]])
   last = np.mean([losses[s] for s in sorted(losses)[-3:]])
   assert last < first, losses
+
+
+def test_init_from_a_workdir_fine_tunes_with_its_tokenizer(tmp_path):
+  src = tmp_path / "src"
+  train.train_and_evaluate(load_config("gpt", "tiny", **TINY, **{"train.steps": 2}), str(src))
+  config = load_config("gpt", "tiny", **TINY, **{
+      "train.steps": 2, "objective": "classification", "model.num_classes": 2,
+      "data.corpus": "sst2", "data.max_docs": 16, "init_from": str(src)})
+  train.train_and_evaluate(config, str(tmp_path / "dst"))
+  # sst2 alone would train a different vocabulary; the pretrained body needs the source's ids
+  assert (tmp_path / "dst" / "tokenizer.json").read_text() == \
+      (src / "tokenizer.json").read_text()
