@@ -17,6 +17,8 @@ nsp / sop        inputs, input_mask, token_type_ids, pair_labels [B]
 mlm_nsp          the union of mlm and nsp keys
 span_corruption  enc_inputs, enc_mask, dec_inputs, dec_targets, dec_weights
 denoise          enc_inputs, enc_mask, dec_inputs, dec_targets, dec_weights
+instruction      inputs, targets, weights (response tokens and EOS only), input_mask
+                 (causal LM on `config.finetune.prompt_template` + response)
 classification   inputs, input_mask, token_type_ids, labels [B], label_weights [B]
                  (encoder-decoder models read the same keys through the encoder)
 """
@@ -32,12 +34,13 @@ TOKEN_KEYS = {
     "span_corruption": ("enc_inputs", "enc_mask", "dec_inputs", "dec_targets", "dec_weights"),
     "denoise": ("enc_inputs", "enc_mask", "dec_inputs", "dec_targets", "dec_weights"),
     "classification": ("inputs", "input_mask", "token_type_ids", "labels", "label_weights"),
+    "instruction": ("inputs", "targets", "weights", "input_mask"),
 }
 
 # Which family can train which objective, declared once.
 FAMILY_OBJECTIVES = {
     "encoder_only": ("mlm", "nsp", "sop", "mlm_nsp", "classification"),
-    "decoder_only": ("next_token", "prefix_lm", "classification"),
+    "decoder_only": ("next_token", "prefix_lm", "classification", "instruction"),
     "encoder_decoder": ("span_corruption", "denoise", "classification"),
 }
 

@@ -167,6 +167,10 @@ def base_config() -> ml_collections.ConfigDict:
   f.lora_dropout = 0.0
   f.lora_targets = "attention"  # attention | all
   f.prompt_template = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
+  # objective=instruction: JSONL of {instruction, input, output}; without an eval file every
+  # 20th record is held out for eval.
+  f.instruction_data = ""
+  f.instruction_eval_data = ""
   return c
 
 
@@ -228,6 +232,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.grad_accum < 1:
     raise ConfigError(f"config.train.grad_accum={c.train.grad_accum} must be at least 1")
   batch_spec.check_family_objective(c.model.family, c.objective)
+  if c.objective == "instruction" and not c.finetune.instruction_data:
+    raise ConfigError("config.objective='instruction' needs config.finetune.instruction_data="
+                      "PATH.jsonl (records with instruction, input, output)")
   validate_lengths(c)
 
 

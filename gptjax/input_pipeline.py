@@ -87,13 +87,34 @@ def data_fingerprint(config) -> str:
   """sha256 prefix over the raw files of the configured corpus."""
   h = hashlib.sha256(config.data.corpus.encode())
   raw = corpora.raw_data_dir(config.data.raw_dir)
-  for rel in sorted(corpora.RAW_FILES.get(config.data.corpus, {}).values()):
-    path = os.path.join(raw, rel)
+  files = [(rel, os.path.join(raw, rel))
+           for rel in sorted(corpora.RAW_FILES.get(config.data.corpus, {}).values())]
+  if config.objective == "instruction":
+    f = config.finetune
+    files = [(os.path.basename(p), p) for p in (f.instruction_data, f.instruction_eval_data) if p]
+  for rel, path in files:
     if os.path.exists(path):
       h.update(f"{rel}:{os.path.getsize(path)}".encode())
       with open(path, "rb") as f:
         h.update(f.read(1 << 20))
   return h.hexdigest()[:16]
+
+
+def _instruction_records(config, split: str) -> list[dict]:
+  """The split's {instruction, input, output} records (every 20th held out when no eval file)."""
+  from gptjax import finetune  # pylint: disable=g-import-not-at-top
+  f = config.finetune
+  if split != "train" and f.instruction_eval_data:
+    return finetune.load_sft_jsonl(f.instruction_eval_data)
+  records = finetune.load_sft_jsonl(f.instruction_data)
+  if f.instruction_eval_data:
+    return records
+  keep = (lambda i: i % 20 != 19) if split == "train" else (lambda i: i % 20 == 19)
+  chosen = [r for i, r in enumerate(records) if keep(i)]
+  if not chosen:
+    raise ConfigError(f"config.finetune.instruction_data={f.instruction_data!r} has too few records "
+                      f"for a {split} split (every 20th is held out); give instruction_eval_data")
+  return chosen[:config.data.max_docs or None]
 
 
 # ------------------------------------------------------------------ examples per objective
@@ -119,6 +140,9 @@ class Examples:
     elif obj == "classification":
       self.data = tokenized(config, tokenizer, split, "labelled")
       self.n = len(self.data["label"])
+    elif obj == "instruction":
+      self.records = _instruction_records(config, split)
+      self.n = len(self.records)
     else:
       self.data = tokenized(config, tokenizer, split, "stream")
       self.raw_len = {"next_token": self.L + 1, "prefix_lm": self.L + 1, "mlm": self.L - 2,
@@ -234,6 +258,13 @@ class Examples:
       enc = [tok.bos_id] + list(source[:L - 2]) + [tok.eos_id]
       target = [tok.bos_id] + list(chunk) + [tok.eos_id]
       return self._seq2seq(np.asarray(enc), np.asarray(target), start=tok.eos_id)
+    if obj == "instruction":
+      from gptjax import finetune  # pylint: disable=g-import-not-at-top
+      ids, mask = finetune.format_sft_example(self.records[i], self.config.finetune.prompt_template,
+                                              tok.tok, tok.eos_id)
+      if len(ids) > L + 1 and mask.sum() <= L:  # too long: drop the oldest prompt tokens
+        ids, mask = ids[-(L + 1):], mask[-(L + 1):]
+      return {k: v[0] for k, v in finetune.sft_batch([(ids, mask)], L, tok.pad_id).items()}
     # classification
     a, b = self._labelled(i, "a"), self._labelled(i, "b")
     if self.config.model.family == "encoder_only":

@@ -55,6 +55,13 @@ def prefix_lm(model, params, batch, rng, deterministic) -> Terms:
   return _token_terms("lm", out["logits"], batch["targets"], batch["weights"])
 
 
+def instruction(model, params, batch, rng, deterministic) -> Terms:
+  """Instruction tuning: causal LM over prompt + response, loss on the response tokens only."""
+  out = _apply(model, params, rng, deterministic, inputs=batch["inputs"],
+               input_mask=batch["input_mask"])
+  return _token_terms("lm", out["logits"], batch["targets"], batch["weights"])
+
+
 def _encoder(model, params, batch, rng, deterministic):
   return _apply(model, params, rng, deterministic, inputs=batch["inputs"],
                 input_mask=batch["input_mask"], token_type_ids=batch["token_type_ids"])
@@ -131,6 +138,7 @@ OBJECTIVES: dict[str, Callable[..., Terms]] = {
     "span_corruption": seq2seq,
     "denoise": seq2seq,
     "classification": classification,
+    "instruction": instruction,
 }
 assert set(OBJECTIVES) == set(batch_spec.TOKEN_KEYS)
 

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from conftest import load_config
-from gptjax import embeddings, finetune, lora, models, quantize
+from gptjax import config_schema, embeddings, finetune, lora, models, quantize
 from gptjax.config_schema import ConfigError
 from gptjax.layers import ModelConfig
 
@@ -172,3 +172,42 @@ def test_embeddings_index_and_knn():
   scores, idx = embeddings.Index(emb).search(emb[:1], k=2)
   assert set(idx[0]) == {0, 4} and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
   assert embeddings.knn_label_agreement(np.eye(4)[[0, 0, 1, 1]] + 0.1, [0, 0, 1, 1], k=1) == 1.0
+
+
+def _sst2_instructions(path, n=200):
+  """sst2 train sentences as instruction records (real text, real labels)."""
+  from gptjax import corpora  # pylint: disable=g-import-not-at-top
+  rows = open(f"{corpora.raw_data_dir()}/sst2/train.tsv").read().splitlines()[1:n + 1]
+  with open(path, "w") as f:
+    for row in rows:
+      text, label = row.rsplit("\t", 1)
+      f.write(json.dumps({"instruction": "Is this movie review positive or negative?",
+                          "input": text.strip(), "output": ["negative", "positive"][int(label)]})
+              + "\n")
+  return str(path)
+
+
+def test_instruction_tuning_trains_on_response_tokens_only(tmp_path, data_cache):
+  del data_cache
+  from gptjax import input_pipeline, tokenization, train  # pylint: disable=g-import-not-at-top
+  data = _sst2_instructions(tmp_path / "sst2_instructions.jsonl")
+  config = load_config("gpt", "tiny", **{
+      "objective": "instruction", "finetune.instruction_data": data, "train.steps": 12,
+      "train.learning_rate": 3e-3, "train.warmup_steps": 2, "train.log_every": 1,
+      "train.eval_every": 0, "train.progress": False, "train.ckpt_every": 1000,
+      "data.seq_len": 64, "model.dropout_rate": 0.0})
+  config_schema.validate(config)
+  tok = tokenization.load_or_train_tokenizer(config)
+  ex = input_pipeline.example_source(config, tok).example(0, np.random.default_rng(0))
+  answer = tok.decode([int(t) for t, w in zip(ex["targets"], ex["weights"]) if w > 0])
+  assert answer.strip() in ("negative", "positive"), answer
+  assert len(input_pipeline.example_source(config, tok, "validation")) == 10  # every 20th of 200
+  train.train_and_evaluate(config, str(tmp_path / "w"))
+  losses = [json.loads(l)["loss"] for l in open(tmp_path / "w" / "metrics.jsonl")
+            if '"loss"' in l and "eval_loss" not in l]
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_instruction_without_data_is_one_line():
+  with pytest.raises(ConfigError, match="needs config.finetune.instruction_data"):
+    config_schema.validate(load_config("gpt", "tiny", objective="instruction"))
