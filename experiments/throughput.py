@@ -6,6 +6,11 @@
 Speed does not depend on token values, so batches are random ids in the exact layout each
 objective's pipeline produces (gptjax/batch_spec.py). MFU = model FLOPs/s (6N + attention,
 encoder and decoder counted separately) / the float32 (or bfloat16) matmul peak measured here.
+
+With --breakdown (default), a few more steps run under `jax.profiler.trace` after the timed ones
+and experiments/profile_breakdown.py splits their wall time into matmul, attention,
+norm/elementwise, loss, optimizer, other and host (see its docstring for how ops are classified).
+Tokens/s and MFU come from the untraced steps only.
 """
 
 import importlib.util
@@ -13,6 +18,7 @@ import json
 import pathlib
 import resource
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -27,6 +33,9 @@ sys.path.insert(0, str(REPO))
 from gptjax import flops, layers, models, sharding, train_step  # pylint: disable=g-import-not-at-top
 from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
 
+sys.path.insert(0, str(REPO / "experiments"))
+import profile_breakdown  # pylint: disable=g-import-not-at-top
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("families", ["gpt", "bert", "t5"], "Config files under configs/.")
 flags.DEFINE_list("variants", ["small", "base"], "Variants; gpt2_124m_t128 is GPT-2 base at T=128.")
@@ -39,12 +48,18 @@ flags.DEFINE_bool("scan_layers", False, "Scan over layers.")
 flags.DEFINE_list("slow_path", [], "gptjax.layers.PERF switches to turn off, for A/B runs "
                   "(flat_dense, residual_grad_barrier).")
 flags.DEFINE_string("output", "", "Append JSON lines of results to this file.")
+flags.DEFINE_bool("breakdown", True, "Profile a few extra steps and split the step time by op "
+                  "class (experiments/profile_breakdown.py).")
+flags.DEFINE_integer("profile_steps", 3, "Steps run under the profiler for --breakdown.")
+flags.DEFINE_string("profile_dir", "", "Keep the profiler traces and the step's HLO text under "
+                    "<dir>/<family>_<variant> (default: a temporary dir).")
 
 # Named shapes from the performance issue.
 SPECIAL = {"gpt2_124m_t128": ("base", dict(seq_len=128, batch_size=4))}
 
 
 def load_config(family: str, variant: str):
+  """The config of `family` (configs/<family>.py) for `variant` or a SPECIAL named shape."""
   spec = importlib.util.spec_from_file_location(f"cfg_{family}", REPO / "configs" / f"{family}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -118,14 +133,37 @@ def measure(family: str, variant: str, peak: float) -> dict:
       state, m = step(state, batches[i % 2])
     jax.block_until_ready(m["loss"])
     dt = (time.perf_counter() - t0) / FLAGS.steps
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+    breakdown = profile(step, state, batches, f"{family}_{variant}") if FLAGS.breakdown else None
   b, l = c.data.batch_size, c.data.seq_len
   tokens = b * (l + target_len)
   flop = flops.train_flops_per_example(cfg, l, target_len, c.objective) * b
-  n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
   return {"family": family, "variant": variant, "params": n_params, "batch": b, "seq_len": l,
           "target_len": target_len, "dtype": FLAGS.dtype, "step_s": dt, "tokens_per_s": tokens / dt,
           "tflops_per_s": flop / dt / 1e12, "mfu": flop / dt / (peak * jax.device_count()),
-          "slow_path": ",".join(FLAGS.slow_path), "compile_s": compile_s, "peak_mem_gb": peak_memory_bytes() / 2 ** 30}
+          "slow_path": ",".join(FLAGS.slow_path), "compile_s": compile_s,
+          "peak_mem_gb": peak_memory_bytes() / 2 ** 30, "breakdown": breakdown}
+
+
+def profile(step, state, batches, name: str) -> dict:
+  """Runs --profile_steps steps under jax.profiler.trace; their step-time breakdown.
+
+  The HLO text comes from `lower().compile()` on the already-compiled step, which JAX serves from
+  its compilation cache. `state` is donated to the traced steps, so the caller must not reuse it.
+  """
+  hlo = step.lower(state, batches[0]).compile().as_text()
+  n = max(FLAGS.profile_steps, 1)
+  with tempfile.TemporaryDirectory() as tmp:
+    log_dir = str(pathlib.Path(FLAGS.profile_dir) / name) if FLAGS.profile_dir else tmp
+    with jax.profiler.trace(log_dir):
+      t0 = time.perf_counter()
+      for i in range(n):
+        state, m = step(state, batches[i % 2])
+      jax.block_until_ready(m["loss"])
+      wall = time.perf_counter() - t0
+    if FLAGS.profile_dir:
+      (pathlib.Path(log_dir) / "train_step.hlo.txt").write_text(hlo)
+    return profile_breakdown.breakdown(log_dir, hlo, n, wall)
 
 
 def main(argv):
@@ -149,6 +187,10 @@ def main(argv):
       rows.append(r)
       print(f"{family}:{variant}  {r['tokens_per_s']:.0f} tok/s  MFU {100 * r['mfu']:.1f}%  "
             f"compile {r['compile_s']:.1f}s  step {1000 * r['step_s']:.0f}ms", flush=True)
+      if r["breakdown"]:
+        b = r["breakdown"]
+        print(f"  profiled step {1000 * b['profiled_step_s']:.0f}ms, top ops (ms/step): " +
+              ", ".join(f"{op} {cls} {ms:.1f}" for op, cls, ms, _ in b["top_ops"][:4]), flush=True)
       if FLAGS.output:
         with open(FLAGS.output, "a") as f:
           f.write(json.dumps({"device": device, "peak_flops": peak, **r}) + "\n")
@@ -159,6 +201,12 @@ def main(argv):
     print(f"| {r['family']}:{r['variant']} | {r['params'] / 1e6:.1f}M | {shape} | "
           f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {r['compile_s']:.1f} | "
           f"{r['peak_mem_gb']:.2f} |")
+  if FLAGS.breakdown:
+    print("\nstep-time breakdown, % of the profiled step's wall time:")
+    print(f"{'model':<22}" + profile_breakdown.header())
+    for r in rows:
+      print(f"{r['family'] + ':' + r['variant']:<22}" +
+            profile_breakdown.format_row(r["breakdown"]["fractions"]))
 
 
 if __name__ == "__main__":
