@@ -6,8 +6,10 @@
 Every arm pre-trains on the same corpus (wikitext2) for the same budget of input
 tokens (or FLOPs), with parameter counts within 10% of each other; then each
 checkpoint is evaluated intrinsically (its own eval metrics) and downstream on
-sst2 by a linear probe (frozen body, new head) and by full fine-tuning, beside
-the same architecture fine-tuned from scratch and the majority class. Finished
+sst2 by a linear probe (logistic regression on the frozen body's mean-pooled
+features, beside the same probe on a randomly initialised body) and by full
+fine-tuning, beside the same architecture fine-tuned from scratch and the
+majority class. Finished
 runs are skipped on re-run.
 """
 
@@ -62,10 +64,10 @@ LAYERS = {"bert": {"model.num_layers": 4}, "gpt": {"model.num_layers": 4},
           "t5": {"model.num_layers": 2, "model.num_decoder_layers": 2},
           "bart": {"model.num_layers": 2, "model.num_decoder_layers": 2, "model.mlp_dim": 960}}
 PRESETS = {
-    "smoke": dict(budget=8 * 32 * 12, seeds=[0], seq_len=32, batch=8, ft_steps=8, probe_steps=8,
+    "smoke": dict(budget=8 * 32 * 12, seeds=[0], seq_len=32, batch=8, ft_steps=8, probe_train=200,
                   eval_steps=2, variant="tiny", body={}),
     "cpu": dict(budget=16 * 128 * 100, seeds=[0, 1], seq_len=128, batch=16, ft_steps=100,
-                probe_steps=60, eval_steps=10, variant="small", body=BODY),
+                probe_train=4000, eval_steps=10, variant="small", body=BODY),
 }
 
 
@@ -152,6 +154,9 @@ def run_once(config, workdir: str, label: str) -> dict:
       return json.load(f)
   t = time.time()
   metrics = train.train_and_evaluate(config, workdir)
+  if metrics.get("stopped_by") or metrics["step"] < config.train.steps:
+    raise SystemExit(f"{label} in {workdir} stopped at step {metrics['step']} "
+                     f"({metrics.get('stopped_by', 'early')}); rerun to continue it")
   metrics["wall_s"] = time.time() - t
   metrics["params"] = _param_count(config)
   tmp = done + ".tmp"
@@ -162,6 +167,64 @@ def run_once(config, workdir: str, label: str) -> dict:
            or "accuracy" in k}
   print(f"  {label}: {metrics['wall_s']:.0f}s {shown}", flush=True)
   return metrics
+
+
+def _sst2(split: str) -> tuple[list, list]:
+  from gptjax import corpora, embeddings  # pylint: disable=g-import-not-at-top
+  return embeddings.read_labelled_tsv(os.path.join(corpora.raw_data_dir(), "sst2", split))
+
+
+def logistic_probe(x_train, y_train, x_dev, y_dev, l2: float = 1.0) -> float:
+  """Dev accuracy of an L2-regularised logistic regression (Newton steps) on standardised features."""
+  mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+  a = np.c_[(x_train - mu) / sd, np.ones(len(x_train))].astype(np.float64)
+  b = np.c_[(x_dev - mu) / sd, np.ones(len(x_dev))].astype(np.float64)
+  y = np.asarray(y_train, np.float64)
+  w = np.zeros(a.shape[1])
+  reg = np.full(a.shape[1], l2)
+  reg[-1] = 0.0
+  for _ in range(25):
+    p = 1.0 / (1.0 + np.exp(-(a @ w)))
+    grad = a.T @ (p - y) + reg * w
+    hess = a.T @ (a * (p * (1 - p))[:, None]) + np.diag(reg + 1e-9)
+    w -= np.linalg.solve(hess, grad)
+  return float(np.mean((b @ w > 0) == np.asarray(y_dev, bool)))
+
+
+def run_probe(pre_dir: str, workdir: str, label: str, seed: int, n_train: int,
+              random_body: bool) -> dict:
+  """Linear probe on sst2 of the frozen body in `pre_dir` (or of a fresh init of its architecture)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from gptjax import checkpointing, embeddings, models  # pylint: disable=g-import-not-at-top
+  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  done = os.path.join(workdir, "result.json")
+  if os.path.exists(done):
+    print(f"  {label}: done before, skipped", flush=True)
+    with open(done) as f:
+      return json.load(f)
+  t = time.time()
+  run_config, params, tokenizer = checkpointing.restore_for_inference(pre_dir)
+  cfg = ModelConfig.from_config(run_config.model)
+  model = models.make_model(cfg)
+  if random_body:
+    target = run_config.data.target_len if cfg.family == "encoder_decoder" else 0
+    params = nn.meta.unbox(models.init_params(cfg, jax.random.key(1000 + seed), 1,
+                                              run_config.data.seq_len, target))
+  train_x, train_y = _sst2("train.tsv")
+  pick = np.random.default_rng(seed).permutation(len(train_x))[:n_train]
+  dev_x, dev_y = _sst2("dev.tsv")
+  embed = lambda texts: embeddings.embed_texts(model, params, tokenizer, texts, batch_size=64,
+                                               max_len=64, pad_id=tokenizer.pad_id or 0)
+  acc = logistic_probe(embed([train_x[i] for i in pick]), [train_y[i] for i in pick],
+                       embed(dev_x), dev_y)
+  result = {"eval_class_accuracy": acc, "n_train": len(pick), "wall_s": time.time() - t}
+  os.makedirs(workdir, exist_ok=True)
+  with open(done + ".tmp", "w") as f:
+    json.dump(result, f)
+  os.replace(done + ".tmp", done)
+  print(f"  {label}: dev accuracy {acc:.3f} ({result['wall_s']:.0f}s)", flush=True)
+  return result
 
 
 def _param_count(config) -> int:
@@ -199,7 +262,8 @@ def write_outputs(out: str, rows: list, majority: float) -> None:
     w.writerows(rows)
   arms = list(dict.fromkeys(r["arm"] for r in rows))
   cols = [("params", "params"), ("pretrain_steps", "steps"), ("loss_tokens", "loss-bearing tokens"),
-          ("intrinsic", "intrinsic metric"), ("pair_acc", "NSP/SOP accuracy"), ("probe_acc", "sst2 probe"), ("finetune_acc", "sst2 fine-tune"),
+          ("intrinsic", "intrinsic metric"), ("pair_acc", "NSP/SOP accuracy"), ("probe_acc", "sst2 probe"),
+          ("probe_random_acc", "sst2 probe, random body"), ("finetune_acc", "sst2 fine-tune"),
           ("scratch_acc", "sst2 scratch")]
   lines = ["| arm | " + " | ".join(c[1] for c in cols) + " | published direction |",
            "|---|" + "---|" * (len(cols) + 1)]
@@ -247,10 +311,11 @@ def _plots(out: str, rows: list, arms: list, majority: float) -> None:
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(8, 4))
   x = np.arange(len(arms))
-  for i, (key, label) in enumerate([("probe_acc", "linear probe"), ("finetune_acc", "fine-tune"),
-                                    ("scratch_acc", "scratch")]):
+  bars = [("probe_acc", "linear probe"), ("probe_random_acc", "probe, random body"),
+          ("finetune_acc", "fine-tune"), ("scratch_acc", "fine-tune from scratch")]
+  for i, (key, label) in enumerate(bars):
     stats = [_mean_std([r.get(key) for r in rows if r["arm"] == a]) for a in arms]
-    ax.bar(x + (i - 1) * 0.27, [s[0] for s in stats], 0.27, yerr=[s[1] for s in stats],
+    ax.bar(x + (i - 1.5) * 0.2, [s[0] for s in stats], 0.2, yerr=[s[1] for s in stats],
            label=label, capsize=3)
   ax.axhline(majority, color="k", ls="--", lw=1, label="majority class")
   ax.set_xticks(x)
@@ -312,13 +377,16 @@ def main(argv):
       target = c.data.target_len if cfg.family == "encoder_decoder" else 0
       fps = flops_lib.train_flops_per_example(cfg, c.data.seq_len, target, c.objective) \
           * c.data.batch_size
-      ft_steps, probe_steps = preset["ft_steps"], preset["probe_steps"]
+      ft_steps = preset["ft_steps"]
       pre_dir = os.path.join(root, "pretrain")
-      probe = run_once(finetune_config(arm, preset, seed, pre_dir, "head", probe_steps),
-                       os.path.join(root, "probe"), "linear probe")
+      probe = run_probe(pre_dir, os.path.join(root, "probe"), "linear probe", seed,
+                        preset["probe_train"], random_body=False)
+      family = ARMS[arm][0]  # the random-body probe and scratch depend on the family only
+      probe_random = run_probe(pre_dir, os.path.join(FLAGS.out, f"probe_random_{family}",
+                                                     f"seed{seed}"), f"linear probe, random {family}",
+                               seed, preset["probe_train"], random_body=True)
       full = run_once(finetune_config(arm, preset, seed, pre_dir, "all", ft_steps),
                       os.path.join(root, "finetune"), "fine-tune")
-      family = ARMS[arm][0]  # scratch depends on the family only: trained once, shared by arms
       scratch = run_once(finetune_config(arm, preset, seed, "", "all", ft_steps),
                          os.path.join(FLAGS.out, f"scratch_{family}", f"seed{seed}"),
                          f"scratch ({family})")
@@ -331,6 +399,7 @@ def main(argv):
           "pair_name": PAIR_METRIC.get(arm, ""),
           "pair_acc": pre.get("eval_nsp_accuracy") if arm in PAIR_METRIC else None,
           "probe_acc": probe.get("eval_class_accuracy"),
+          "probe_random_acc": probe_random.get("eval_class_accuracy"),
           "finetune_acc": full.get("eval_class_accuracy"),
           "scratch_acc": scratch.get("eval_class_accuracy"),
           "curve": _curve(pre_dir, fps)})

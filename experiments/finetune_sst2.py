@@ -102,6 +102,9 @@ def run_once(config, workdir: str, label: str) -> dict:
       return json.load(f)
   t = time.time()
   metrics = train.train_and_evaluate(config, workdir)
+  if metrics.get("stopped_by") or metrics["step"] < config.train.steps:
+    raise SystemExit(f"{label} in {workdir} stopped at step {metrics['step']} "
+                     f"({metrics.get('stopped_by', 'early')}); rerun to continue it")
   metrics["wall_s"] = time.time() - t
   with open(done + ".tmp", "w") as f:
     json.dump(metrics, f)

@@ -23,10 +23,13 @@ Terms = dict[str, tuple[Array, Array]]
 def cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array):
   """Weighted token cross-entropy in float32: (sum of losses, sum of weights, correct count)."""
   logits = logits_BxLxV.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
+  max_BxL = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  log_z = max_BxL + jnp.log(jnp.sum(jnp.exp(logits - max_BxL[..., None]), axis=-1))
   target_logit = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
   w = weights_BxL.astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == targets_BxL).astype(jnp.float32) * w
+  # the max the loss needs anyway, instead of a second pass for argmax (an exact tie counts as
+  # correct; argmax would pick the lowest id)
+  correct = (target_logit >= max_BxL).astype(jnp.float32) * w
   return jnp.sum((log_z - target_logit) * w), jnp.sum(w), jnp.sum(correct)
 
 

@@ -334,6 +334,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       writer.close()
   final_metrics["step"] = int(jax.device_get(host_state().step))
   final_metrics["loss_tokens_total"] = seen["loss_tokens"]
+  if stop.received:
+    final_metrics["stopped_by"] = stop.received
   return final_metrics
 
 
@@ -346,6 +348,8 @@ def main(config, workdir: str, flag_values) -> None:
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+  if metrics.get("stopped_by"):  # saved, not finished: launchers must not count it as done
+    sys.exit(4)
   if jax.process_index() == 0:
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     print(f"done: step {metrics.get('step')}  " + "  ".join(f"{k}={v}" for k, v in shown.items()))

@@ -34,7 +34,7 @@ def test_smoke_preset_two_arms_end_to_end_then_skips_on_rerun(tmp_path, data_cac
   assert "| mlm |" in table and "majority class" in table
   rerun = _run(*args)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert rerun.stdout.count("done before, skipped") == 8  # 2 arms x (pretrain, probe, ft, scratch)
+  assert rerun.stdout.count("done before, skipped") == 10  # 2 arms x (pretrain, 2 probes, ft, scratch)
 
 
 def test_unknown_arm_and_tiny_budget_are_one_line(tmp_path):
