@@ -137,9 +137,12 @@ def measure(family: str, variant: str, peak: float) -> dict:
     breakdown = profile(step, state, batches, f"{family}_{variant}") if FLAGS.breakdown else None
   b, l = c.data.batch_size, c.data.seq_len
   tokens = b * (l + target_len)
+  loss_tokens = float(sum(np.sum(batches[0][k]) for k in ("weights", "dec_weights")
+                          if k in batches[0]))
   flop = flops.train_flops_per_example(cfg, l, target_len, c.objective) * b
   return {"family": family, "variant": variant, "params": n_params, "batch": b, "seq_len": l,
           "target_len": target_len, "dtype": FLAGS.dtype, "step_s": dt, "tokens_per_s": tokens / dt,
+          "loss_tokens_per_s": loss_tokens / dt,
           "tflops_per_s": flop / dt / 1e12, "mfu": flop / dt / (peak * jax.device_count()),
           "slow_path": ",".join(FLAGS.slow_path), "compile_s": compile_s,
           "peak_mem_gb": peak_memory_bytes() / 2 ** 30, "breakdown": breakdown}
@@ -194,12 +197,14 @@ def main(argv):
       if FLAGS.output:
         with open(FLAGS.output, "a") as f:
           f.write(json.dumps({"device": device, "peak_flops": peak, **r}) + "\n")
-  print("\n| model | params | batch x T | tokens/s | MFU | compile s | peak mem GiB |")
-  print("|---|---|---|---|---|---|---|")
+  print("\n| model | params | batch x T | tokens/s | loss-bearing tokens/s | MFU | compile s | "
+        "peak mem GiB |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     shape = f"{r['batch']} x {r['seq_len']}" + (f"+{r['target_len']}" if r["target_len"] else "")
     print(f"| {r['family']}:{r['variant']} | {r['params'] / 1e6:.1f}M | {shape} | "
-          f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {r['compile_s']:.1f} | "
+          f"{r['tokens_per_s']:.0f} | {r['loss_tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+          f"{r['compile_s']:.1f} | "
           f"{r['peak_mem_gb']:.2f} |")
   if FLAGS.breakdown:
     print("\nstep-time breakdown, % of the profiled step's wall time:")

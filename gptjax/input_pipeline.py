@@ -117,6 +117,14 @@ def _instruction_records(config, split: str) -> list[dict]:
   return chosen[:config.data.max_docs or None]
 
 
+def unigram_loss(config, tokenizer) -> float:
+  """Entropy in nats of the train split's token frequencies: the loss of a unigram model."""
+  tokens = tokenized(config, tokenizer, "train", "stream")["tokens"]
+  counts = np.bincount(tokens)
+  p = counts[counts > 0] / len(tokens)
+  return float(-(p * np.log(p)).sum())
+
+
 # ------------------------------------------------------------------ examples per objective
 class Examples:
   """Random access to the examples of one objective; `example(i, rng)` builds example i."""

@@ -206,8 +206,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         print(f"resumed from {checkpointing.checkpoint_dir(workdir)} at step {start_step}",
               flush=True)
   data_fp = getattr(input_pipeline, "data_fingerprint", lambda c: "")(config)
+  unigram = input_pipeline.unigram_loss(config, tokenizer) if config.objective == "next_token" \
+      else None
   if is_main:
+    if unigram is not None:
+      print(f"unigram baseline: loss {unigram:.3f} (the train split's token entropy, nats); "
+            "a model that learned anything beyond token frequencies goes below it", flush=True)
     run_records.write_manifest(workdir, config, {
+        "unigram_baseline_loss": unigram,
         "tokenizer_fingerprint": tokenizer.fingerprint, "data_fingerprint": data_fp,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
         "resumed_from_step": start_step})

@@ -54,6 +54,9 @@ def test_cli_writes_metrics_and_a_loadable_checkpoint(tmp_path):
   for key in ("config", "git_commit", "versions", "devices", "data_fingerprint",
               "tokenizer_fingerprint"):
     assert key in manifest
+  # the unigram loss is the entropy of the token distribution: between 0 and ln(vocab)
+  assert 0 < manifest["unigram_baseline_loss"] < np.log(512)
+  assert "unigram baseline: loss" in result.stdout
   assert any(p.name.startswith("events") for p in (tmp_path / "w" / "tensorboard").iterdir())
 
 
