@@ -66,8 +66,8 @@ LAYERS = {"bert": {"model.num_layers": 4}, "gpt": {"model.num_layers": 4},
 PRESETS = {
     "smoke": dict(budget=8 * 32 * 12, seeds=[0], seq_len=32, batch=8, ft_steps=8, probe_train=200,
                   eval_steps=2, variant="tiny", body={}),
-    "cpu": dict(budget=16 * 128 * 100, seeds=[0, 1], seq_len=128, batch=16, ft_steps=100,
-                probe_train=4000, eval_steps=10, variant="small", body=BODY),
+    "cpu": dict(budget=16 * 128 * 100, seeds=[0, 1], seq_len=128, batch=16, ft_steps=60,
+                probe_train=2000, eval_steps=10, variant="small", body=BODY),
 }
 
 
@@ -367,8 +367,8 @@ def main(argv):
   os.makedirs(FLAGS.out, exist_ok=True)
   majority = majority_baseline()
   rows = []
-  for i, arm in enumerate(arms):
-    for seed in seeds:
+  for seed in seeds:  # every arm once before any arm twice: an interrupted run is still a table
+    for i, arm in enumerate(arms):
       print(f"[{i + 1}/{len(arms)}] {arm} seed {seed}", flush=True)
       root = os.path.join(FLAGS.out, arm, f"seed{seed}")
       c = configs[(arm, seed)]
