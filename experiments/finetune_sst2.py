@@ -29,10 +29,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("init_from", "minilm", "minilm | hf:DIR | a gptjax workdir.")
 flags.DEFINE_list("trainable", ["all"], "finetune.trainable modes to run: all, head, last_block, lora.")
 flags.DEFINE_list("seeds", ["0"], "Seeds.")
-flags.DEFINE_integer("steps", 300, "Fine-tuning steps, the same for pretrained and scratch.")
+flags.DEFINE_integer("steps", 150, "Fine-tuning steps, the same for pretrained and scratch.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("seq_len", 64, "Tokens per sentence (sst2 sentences are short).")
-flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate, pretrained and scratch alike.")
+flags.DEFINE_float("learning_rate", 1e-4, "Peak learning rate of full fine-tuning (x10 for lora and "
+                   "head; at least 5e-4 from scratch).")
 flags.DEFINE_string("out", "results/finetune_sst2", "Output folder.")
 
 
@@ -81,7 +82,9 @@ def finetune_config(source: str, model: dict, tokenizer: str, trainable: str, se
   c.data.seq_len = FLAGS.seq_len
   c.data.batch_size = FLAGS.batch_size
   c.train.steps = FLAGS.steps
-  c.train.learning_rate = FLAGS.learning_rate if pretrained else max(FLAGS.learning_rate, 5e-4)
+  # few trainable parameters (LoRA adapters, a head) and fresh weights want a larger step
+  c.train.learning_rate = FLAGS.learning_rate * (10 if trainable in ("lora", "head") else 1) \
+      if pretrained else max(FLAGS.learning_rate, 5e-4)
   c.train.warmup_steps = FLAGS.steps // 10
   c.train.log_every = max(1, FLAGS.steps // 10)
   c.train.eval_every = FLAGS.steps
