@@ -191,23 +191,29 @@ class Examples:
     doc_end = first
     while doc_end + 1 < len(sent_doc) and sent_doc[doc_end + 1] == doc:
       doc_end += 1
-    target_a = int(rng.integers(1, max(2, max_tokens // 2)))
-    a, a_end = self._sentence(first), first
-    while len(a) < target_a and a_end + 1 < doc_end:
-      a_end += 1
-      a += self._sentence(a_end)
+    # BERT's recipe: a run of consecutive sentences up to the budget, split at a uniformly random
+    # sentence boundary. A and B are then alike in length, so SOP cannot be read off lengths.
+    run, total = [first], len(self._sentence(first))
+    while run[-1] + 1 <= doc_end and (len(run) < 2 or total < max_tokens):
+      run.append(run[-1] + 1)
+      total += len(self._sentence(run[-1]))
+    split = int(rng.integers(1, len(run)))
+    a_end = run[split - 1]
+    a = [t for j in run[:split] for t in self._sentence(j)]
     if self.kind == "sop" or self.config.data.sop or rng.random() < 0.5:
       b_start, label = a_end + 1, 1
+      b_end = run[-1]
+      b = [t for j in run[split:] for t in self._sentence(j)]
     else:
       other = int(rng.integers(0, len(sent_doc)))
       while sent_doc[other] == doc and len(np.unique(sent_doc)) > 1:
         other = int(rng.integers(0, len(sent_doc)))
       b_start, label = other, 0
-    b, b_end = self._sentence(b_start), b_start
-    while len(a) + len(b) < max_tokens and b_end + 1 < len(sent_doc) and \
-        sent_doc[b_end + 1] == sent_doc[b_start]:
-      b_end += 1
-      b += self._sentence(b_end)
+      b, b_end = self._sentence(b_start), b_start
+      while len(a) + len(b) < max_tokens and b_end + 1 < len(sent_doc) and \
+          sent_doc[b_end + 1] == sent_doc[b_start]:
+        b_end += 1
+        b += self._sentence(b_end)
     if self.kind == "sop" or self.config.data.sop:
       if rng.random() < 0.5:
         a, b, label = b, a, 0
