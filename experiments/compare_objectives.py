@@ -20,7 +20,6 @@ import math
 import os
 import pathlib
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -28,6 +27,8 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import finished_runs  # pylint: disable=g-import-not-at-top  (experiments/, next to this file)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "cpu", ["smoke", "cpu"], "smoke: minutes, for tests; cpu: ~30 min.")
@@ -146,27 +147,15 @@ def finetune_config(arm: str, preset: dict, seed: int, init_from: str, trainable
 
 def run_once(config, workdir: str, label: str) -> dict:
   """Trains `config` in `workdir` unless a finished result is there; returns its final metrics."""
-  from gptjax import train  # pylint: disable=g-import-not-at-top
-  done = os.path.join(workdir, "result.json")
-  if os.path.exists(done):
-    print(f"  {label}: done before, skipped", flush=True)
-    with open(done) as f:
-      return json.load(f)
-  t = time.time()
-  metrics = train.train_and_evaluate(config, workdir)
-  if metrics.get("stopped_by") or metrics["step"] < config.train.steps:
-    raise SystemExit(f"{label} in {workdir} stopped at step {metrics['step']} "
-                     f"({metrics.get('stopped_by', 'early')}); rerun to continue it")
-  metrics["wall_s"] = time.time() - t
-  metrics["params"] = _param_count(config)
-  tmp = done + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(metrics, f)
-  os.replace(tmp, done)
-  shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and "loss" in k
-           or "accuracy" in k}
-  print(f"  {label}: {metrics['wall_s']:.0f}s {shown}", flush=True)
-  return metrics
+  def compute():
+    metrics = finished_runs.train_to_end(config, workdir, label)
+    metrics["params"] = _param_count(config)
+    return metrics
+  def report(metrics):
+    shown = {k: round(v, 4) for k, v in metrics.items()
+             if k.startswith("eval_") and "loss" in k or "accuracy" in k}
+    return f"{metrics['wall_s']:.0f}s {shown}"
+  return finished_runs.cached(workdir, label, compute, report)
 
 
 def _sst2(split: str) -> tuple[list, list]:
@@ -198,33 +187,27 @@ def run_probe(pre_dir: str, workdir: str, label: str, seed: int, n_train: int,
   import jax  # pylint: disable=g-import-not-at-top
   from gptjax import checkpointing, embeddings, models  # pylint: disable=g-import-not-at-top
   from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
-  done = os.path.join(workdir, "result.json")
-  if os.path.exists(done):
-    print(f"  {label}: done before, skipped", flush=True)
-    with open(done) as f:
-      return json.load(f)
-  t = time.time()
-  run_config, params, tokenizer = checkpointing.restore_for_inference(pre_dir)
-  cfg = ModelConfig.from_config(run_config.model)
-  model = models.make_model(cfg)
-  if random_body:
-    target = run_config.data.target_len if cfg.family == "encoder_decoder" else 0
-    params = nn.meta.unbox(models.init_params(cfg, jax.random.key(1000 + seed), 1,
-                                              run_config.data.seq_len, target))
-  train_x, train_y = _sst2("train.tsv")
-  pick = np.random.default_rng(seed).permutation(len(train_x))[:n_train]
-  dev_x, dev_y = _sst2("dev.tsv")
-  embed = lambda texts: embeddings.embed_texts(model, params, tokenizer, texts, batch_size=64,
-                                               max_len=64, pad_id=tokenizer.pad_id or 0)
-  acc = logistic_probe(embed([train_x[i] for i in pick]), [train_y[i] for i in pick],
-                       embed(dev_x), dev_y)
-  result = {"eval_class_accuracy": acc, "n_train": len(pick), "wall_s": time.time() - t}
-  os.makedirs(workdir, exist_ok=True)
-  with open(done + ".tmp", "w") as f:
-    json.dump(result, f)
-  os.replace(done + ".tmp", done)
-  print(f"  {label}: dev accuracy {acc:.3f} ({result['wall_s']:.0f}s)", flush=True)
-  return result
+
+  def compute():
+    run_config, params, tokenizer = checkpointing.restore_for_inference(pre_dir)
+    cfg = ModelConfig.from_config(run_config.model)
+    model = models.make_model(cfg)
+    if random_body:
+      target = run_config.data.target_len if cfg.family == "encoder_decoder" else 0
+      params = nn.meta.unbox(models.init_params(cfg, jax.random.key(1000 + seed), 1,
+                                                run_config.data.seq_len, target))
+    train_x, train_y = _sst2("train.tsv")
+    pick = np.random.default_rng(seed).permutation(len(train_x))[:n_train]
+    dev_x, dev_y = _sst2("dev.tsv")
+    embed = lambda texts: embeddings.embed_texts(model, params, tokenizer, texts, batch_size=64,
+                                                 max_len=64, pad_id=tokenizer.pad_id or 0)
+    acc = logistic_probe(embed([train_x[i] for i in pick]), [train_y[i] for i in pick],
+                         embed(dev_x), dev_y)
+    return {"eval_class_accuracy": acc, "n_train": len(pick)}
+
+  return finished_runs.cached(
+      workdir, label, compute,
+      lambda r: f"dev accuracy {r['eval_class_accuracy']:.3f} ({r['wall_s']:.0f}s)")
 
 
 def _param_count(config) -> int:

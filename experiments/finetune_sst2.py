@@ -12,11 +12,9 @@ accuracy (all 872 sentences) goes to results.csv and results.md. Finished runs a
 
 import csv
 import importlib.util
-import json
 import os
 import pathlib
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -24,6 +22,8 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import finished_runs  # pylint: disable=g-import-not-at-top  (experiments/, next to this file)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("init_from", "minilm", "minilm | hf:DIR | a gptjax workdir.")
@@ -97,24 +97,10 @@ def finetune_config(source: str, model: dict, tokenizer: str, trainable: str, se
 
 def run_once(config, workdir: str, label: str) -> dict:
   """Trains unless `workdir` has a result.json; returns the final metrics."""
-  from gptjax import train  # pylint: disable=g-import-not-at-top
-  done = os.path.join(workdir, "result.json")
-  if os.path.exists(done):
-    print(f"  {label}: done before, skipped", flush=True)
-    with open(done) as f:
-      return json.load(f)
-  t = time.time()
-  metrics = train.train_and_evaluate(config, workdir)
-  if metrics.get("stopped_by") or metrics["step"] < config.train.steps:
-    raise SystemExit(f"{label} in {workdir} stopped at step {metrics['step']} "
-                     f"({metrics.get('stopped_by', 'early')}); rerun to continue it")
-  metrics["wall_s"] = time.time() - t
-  with open(done + ".tmp", "w") as f:
-    json.dump(metrics, f)
-  os.replace(done + ".tmp", done)
-  print(f"  {label}: dev accuracy {metrics.get('eval_class_accuracy', float('nan')):.3f} "
-        f"({metrics['wall_s']:.0f}s)", flush=True)
-  return metrics
+  return finished_runs.cached(
+      workdir, label, lambda: finished_runs.train_to_end(config, workdir, label),
+      lambda m: f"dev accuracy {m.get('eval_class_accuracy', float('nan')):.3f} "
+                f"({m['wall_s']:.0f}s)")
 
 
 def main(argv):

@@ -21,7 +21,7 @@ import grain
 import jax
 import numpy as np
 
-from gptjax import corpora, masking
+from gptjax import corpora, finetune, masking
 from gptjax.config_schema import ConfigError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -102,7 +102,6 @@ def data_fingerprint(config) -> str:
 
 def _instruction_records(config, split: str) -> list[dict]:
   """The split's {instruction, input, output} records (every 20th held out when no eval file)."""
-  from gptjax import finetune  # pylint: disable=g-import-not-at-top
   f = config.finetune
   if split != "train" and f.instruction_eval_data:
     return finetune.load_sft_jsonl(f.instruction_eval_data)
@@ -273,7 +272,6 @@ class Examples:
       target = [tok.bos_id] + list(chunk) + [tok.eos_id]
       return self._seq2seq(np.asarray(enc), np.asarray(target), start=tok.eos_id)
     if obj == "instruction":
-      from gptjax import finetune  # pylint: disable=g-import-not-at-top
       ids, mask = finetune.format_sft_example(self.records[i], self.config.finetune.prompt_template,
                                               tok.tok, tok.eos_id)
       if len(ids) > L + 1 and mask.sum() <= L:  # too long: drop the oldest prompt tokens

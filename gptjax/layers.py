@@ -23,11 +23,10 @@ NEG_INF = -1e9  # large enough to zero a softmax term in float32, small enough f
 
 # Performance switches, read at trace time, for A/B measurements (experiments/PERFORMANCE.md).
 # The defaults are the fast path; flipping one restores the slow path it replaced.
-PERF_DEFAULTS = {
+PERF = {
     "flat_dense": True,              # Dense as one 2-D matmul (see flat_matmul)
     "residual_grad_barrier": True,   # materialise the residual gradient per block on XLA:CPU
 }
-PERF = dict(PERF_DEFAULTS)
 
 
 @jax.custom_vjp

@@ -217,16 +217,26 @@ def _check_fits(tok: TextTokenizer, config, source: str) -> None:
                       f"{m.vocab_size}; raise model.vocab_size or lower data.tokenizer.vocab_size")
 
 
+def _init_from_tokenizer_path(init_from: str) -> str:
+  """The folder of `init_from` (a workdir or hf:DIR) when it holds a tokenizer.json or vocab.txt."""
+  directory = init_from[3:] if init_from.startswith("hf:") else init_from
+  has_one = directory and any(os.path.exists(os.path.join(directory, n))
+                              for n in ("tokenizer.json", "vocab.txt"))
+  return directory if has_one else ""
+
+
 def load_or_train_tokenizer(config, workdir: Optional[str] = None) -> TextTokenizer:
   """The run's tokenizer: workdir's tokenizer.json, config path, cache, or freshly trained."""
   from gptjax import corpora  # pylint: disable=g-import-not-at-top
   t, d = config.data.tokenizer, config.data
   scheme = special_scheme(t.kind, config.model.family)
   own = os.path.join(workdir, "tokenizer.json") if workdir else ""
+  # a pretrained body (config.init_from) only makes sense with the vocabulary it was trained on
+  path = t.path or _init_from_tokenizer_path(config.init_from)
   if own and os.path.exists(own):
     tok, source = load_tokenizer_file(own), own
-  elif t.path:
-    tok, source = load_tokenizer_file(t.path, lowercase=t.kind != "wordpiece_cased"), t.path
+  elif path:
+    tok, source = load_tokenizer_file(path, lowercase=t.kind != "wordpiece_cased"), path
     if scheme == "gpt" and "<pad>" not in tok.tok.get_vocab():  # never pad with <|endoftext|>
       tok.tok.add_special_tokens(["<pad>"])
       tok = TextTokenizer(tok.tok)

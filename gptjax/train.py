@@ -121,18 +121,6 @@ def _graft(fresh, given, source: str):
   return picked
 
 
-def _init_from_tokenizer(config) -> str:
-  """The tokenizer file of `config.init_from` (workdir or hf:DIR) unless a path is configured."""
-  source = config.init_from
-  if not source or config.data.tokenizer.path:
-    return ""
-  directory = source[3:] if source.startswith("hf:") else source
-  for name in ("tokenizer.json", "vocab.txt"):
-    if os.path.exists(os.path.join(directory, name)):
-      return os.path.join(directory, name)
-  return ""
-
-
 # ============================================================================ setup
 def setup(config, workdir: str):
   """Everything before the first step: devices, tokenizer, data, model, optimizer, state."""
@@ -146,9 +134,6 @@ def setup(config, workdir: str):
     raise ConfigError(f"config.data.batch_size={config.data.batch_size} does not divide over "
                       f"{jax.device_count()} devices for parallelism.mode='pmap'")
   os.makedirs(workdir, exist_ok=True)
-  inherited = _init_from_tokenizer(config)
-  if inherited:  # a pretrained body only makes sense with the vocabulary it was trained on
-    config.data.tokenizer.path = inherited
   tokenizer = tokenization.load_or_train_tokenizer(config, workdir)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.model.vocab_size="
