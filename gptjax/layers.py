@@ -26,6 +26,8 @@ NEG_INF = -1e9  # large enough to zero a softmax term in float32, small enough f
 PERF = {
     "flat_dense": True,              # Dense as one 2-D matmul (see flat_matmul)
     "residual_grad_barrier": True,   # materialise the residual gradient per block on XLA:CPU
+    "attend_transposed": True,       # tied output layer as x @ E^T with E^T as a [D, V] kernel
+    "softmax_vjp": True,             # attention softmax with the closed-form backward
 }
 
 
@@ -156,6 +158,10 @@ class Embed(nn.Module):
 
   def attend(self, x_BxLxD: Array) -> Array:
     """Logits against the embedding table: x @ E^T."""
+    if PERF["attend_transposed"]:
+      # The table's gradient is then x^T @ dlogits, [D, V], transposed once: a copy of D x V
+      # floats instead of XLA:CPU's transposed copy of the [tokens, V] logits gradient.
+      return flat_matmul(x_BxLxD.astype(self.dtype), self.embedding.T.astype(self.dtype), 1)
     return jnp.einsum("bld,vd->blv", x_BxLxD.astype(self.dtype), self.embedding.astype(self.dtype))
 
 
@@ -308,6 +314,25 @@ class Dense(nn.Module):
 
 
 # ----------------------------------------------------------------- attention
+@jax.custom_vjp
+def softmax_last_axis(s: Array) -> Array:
+  """Softmax over the last axis whose backward is p * (g - sum(g * p)), not the quotient rule."""
+  e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _softmax_fwd(s):
+  p = softmax_last_axis(s)
+  return p, p
+
+
+def _softmax_bwd(p, g):
+  return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+softmax_last_axis.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def dot_product_attention(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array,
                           mask_Bx1xLxS: Optional[Array], bias_1xHxLxS: Optional[Array], scale: float,
                           impl: str, dropout_fn=None) -> Array:
@@ -326,7 +351,10 @@ def dot_product_attention(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Arra
     s_BxKxGxLxS += bias_1xHxLxS.reshape(bias_1xHxLxS.shape[0], kh, h // kh, *bias_1xHxLxS.shape[2:])
   if mask_Bx1xLxS is not None:
     s_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], s_BxKxGxLxS, NEG_INF)
-  p_BxKxGxLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1)
+  if PERF["softmax_vjp"]:
+    p_BxKxGxLxS = softmax_last_axis(s_BxKxGxLxS)
+  else:
+    p_BxKxGxLxS = jax.nn.softmax(s_BxKxGxLxS, axis=-1)
   if dropout_fn is not None:
     p_BxKxGxLxS = dropout_fn(p_BxKxGxLxS)
   out = jnp.einsum("bkgls,bskd->blkgd", p_BxKxGxLxS.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)

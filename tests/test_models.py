@@ -253,3 +253,39 @@ def test_impossible_configs_fail_in_one_line_naming_the_field(field, value, need
   with pytest.raises(config_schema.ConfigError) as e:
     config_schema.validate(config)
   assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_performance_switches_keep_loss_and_gradients(family, monkeypatch):
+  """Every gptjax.layers.PERF fast path computes what the plain formulation computes."""
+  cfg = tiny(family)
+  params = init(cfg)
+  inputs = models.dummy_inputs(cfg, 2, 8)
+  inputs = {k: (v * 7 + 3) % 100 if "mask" not in k else v for k, v in inputs.items()}
+  key = "mlm_logits" if family == "bert" else "logits"
+
+  def loss_and_grads():
+    model = models.make_model(cfg)
+
+    def loss(p):
+      logits = model.apply({"params": p}, **inputs)[key].astype(jnp.float32)
+      targets = jnp.arange(logits.shape[0] * logits.shape[1]).reshape(logits.shape[:2]) % 50
+      return jnp.mean(jax.nn.logsumexp(logits, -1) -
+                      jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  fast_loss, fast_grads = loss_and_grads()
+  for name in layers.PERF:
+    monkeypatch.setitem(layers.PERF, name, False)
+  slow_loss, slow_grads = loss_and_grads()
+  np.testing.assert_allclose(fast_loss, slow_loss, rtol=1e-6)
+  for path, g in jax.tree_util.tree_leaves_with_path(slow_grads):
+    f = _tree_get(fast_grads, path)
+    np.testing.assert_allclose(f, g, atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def _tree_get(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
