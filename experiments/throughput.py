@@ -47,6 +47,8 @@ flags.DEFINE_string("attention_impl", "", "einsum | dot_product (empty: config d
 flags.DEFINE_bool("scan_layers", False, "Scan over layers.")
 flags.DEFINE_list("slow_path", [], "gptjax.layers.PERF switches to turn off, for A/B runs "
                   "(flat_dense, residual_grad_barrier).")
+flags.DEFINE_list("ab", [], "PERF switches to A/B: each model is built with the switch on and "
+                  "off and both are timed in alternating rounds of --steps in this process.")
 flags.DEFINE_string("output", "", "Append JSON lines of results to this file.")
 flags.DEFINE_bool("breakdown", True, "Profile a few extra steps and split the step time by op "
                   "class (experiments/profile_breakdown.py).")
@@ -98,8 +100,8 @@ def peak_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(family: str, variant: str, peak: float) -> dict:
-  """Compile time, tokens/s and MFU of the train step of one config."""
+def build(family: str, variant: str):
+  """Config, model config, jitted train step, initial state and two device batches of one model."""
   c = load_config(family, variant)
   if FLAGS.batch_size:
     c.data.batch_size = FLAGS.batch_size
@@ -121,18 +123,28 @@ def measure(family: str, variant: str, peak: float) -> dict:
                                          shardings)
   rng = np.random.default_rng(0)
   batches = [sharding.global_batch(synthetic_batch(c, rng), mesh) for _ in range(2)]
+  return c, cfg, mesh, step, state, batches, target_len
+
+
+def run_steps(step, state, batches, n: int):
+  """(seconds per step, new state) over `n` steps, synchronised once at the end."""
+  t0 = time.perf_counter()
+  for i in range(n):
+    state, m = step(state, batches[i % 2])
+  jax.block_until_ready(m["loss"])
+  return (time.perf_counter() - t0) / n, state
+
+
+def measure(family: str, variant: str, peak: float) -> dict:
+  """Compile time, tokens/s and MFU of the train step of one config."""
+  c, cfg, mesh, step, state, batches, target_len = build(family, variant)
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     state, m = step(state, batches[0])
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t0
-    state, m = step(state, batches[1])
-    jax.block_until_ready(m["loss"])
-    t0 = time.perf_counter()
-    for i in range(FLAGS.steps):
-      state, m = step(state, batches[i % 2])
-    jax.block_until_ready(m["loss"])
-    dt = (time.perf_counter() - t0) / FLAGS.steps
+    _, state = run_steps(step, state, batches, 1)
+    dt, state = run_steps(step, state, batches, FLAGS.steps)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
     breakdown = profile(step, state, batches, f"{family}_{variant}") if FLAGS.breakdown else None
   b, l = c.data.batch_size, c.data.seq_len
@@ -146,6 +158,27 @@ def measure(family: str, variant: str, peak: float) -> dict:
           "tflops_per_s": flop / dt / 1e12, "mfu": flop / dt / (peak * jax.device_count()),
           "slow_path": ",".join(FLAGS.slow_path), "compile_s": compile_s,
           "peak_mem_gb": peak_memory_bytes() / 2 ** 30, "breakdown": breakdown}
+
+
+def compare_switch(family: str, variant: str, switch: str, rounds: int = 5) -> dict:
+  """Step time with one PERF switch on and off, timed in alternating rounds in this process."""
+  variants = {}
+  for on in (True, False):
+    layers.PERF[switch] = on
+    c, _, mesh, step, state, batches, _ = build(family, variant)
+    with jax.set_mesh(mesh):
+      _, state = run_steps(step, state, batches, 2)  # compiles with the switch as set now
+    variants[on] = [mesh, step, state, batches, []]
+  layers.PERF[switch] = True
+  for _ in range(rounds):
+    for on in (True, False):
+      mesh, step, state, batches, times = variants[on]
+      with jax.set_mesh(mesh):
+        dt, variants[on][2] = run_steps(step, state, batches, FLAGS.steps)
+      times.append(dt)
+  fast, slow = (float(np.median(variants[on][4])) for on in (True, False))
+  return {"family": family, "variant": variant, "switch": switch, "on_step_s": fast,
+          "off_step_s": slow, "speedup": slow / fast}
 
 
 def profile(step, state, batches, name: str) -> dict:
@@ -183,6 +216,22 @@ def main(argv):
   print(f"device: {device}")
   print(f"matmul peak ({n}x{n}): float32 {peak32 / 1e12:.3f} TFLOP/s; {FLAGS.dtype} "
         f"{peak / 1e12:.3f} TFLOP/s")
+  if FLAGS.ab:
+    for name in FLAGS.ab:
+      if name not in layers.PERF:
+        raise SystemExit(f"error: --ab={name} is not a switch; choose from {', '.join(layers.PERF)}")
+    print("| model | switch | on: ms/step | off: ms/step | on is faster by |")
+    print("|---|---|---:|---:|---:|")
+    for family in FLAGS.families:
+      for variant in FLAGS.variants:
+        for name in FLAGS.ab:
+          r = compare_switch(family, variant, name)
+          print(f"| {family}:{variant} | {name} | {1000 * r['on_step_s']:.0f} | "
+                f"{1000 * r['off_step_s']:.0f} | {r['speedup']:.3f}x |", flush=True)
+          if FLAGS.output:
+            with open(FLAGS.output, "a") as f:
+              f.write(json.dumps({"device": device, **r}) + "\n")
+    return
   rows = []
   for family in FLAGS.families:
     for variant in FLAGS.variants:

@@ -28,6 +28,7 @@ PERF = {
     "residual_grad_barrier": True,   # materialise the residual gradient per block on XLA:CPU
     "attend_transposed": True,       # tied output layer as x @ E^T with E^T as a [D, V] kernel
     "softmax_vjp": True,             # attention softmax with the closed-form backward
+    "bias_grad_matvec": True,        # bias gradients as ones @ g instead of a reduce (add_bias)
 }
 
 
@@ -56,6 +57,48 @@ def _barrier_bwd(_, g):
 
 
 residual_grad_barrier.defvjp(_barrier_fwd, _barrier_bwd)
+
+
+def sum_leading_axes(x: Array, n: int) -> Array:
+  """Sum over the first `n` axes as a ones-vector matmul.
+
+  XLA:CPU runs column sums (a reduce over a leading, strided axis) far slower than the same sum
+  as a matrix-vector product: over [16, 65536] about 4 ms against 0.15 ms, over [2048, 8192]
+  3.0 ms against 1.4 ms on 2 cores.
+  """
+  lead = math.prod(x.shape[:n])
+  flat = x.reshape(lead, -1)
+  return jnp.dot(jnp.ones((lead,), flat.dtype), flat,
+                 preferred_element_type=jnp.float32).reshape(x.shape[n:])
+
+
+@jax.custom_vjp
+def _add_bias(x: Array, bias: Array) -> Array:
+  return x + bias.astype(x.dtype)
+
+
+def _add_bias_fwd(x, bias):
+  return _add_bias(x, bias), bias
+
+
+def _add_bias_bwd(bias, g):
+  trailing = bias.reshape(bias.shape[next((i for i, n in enumerate(bias.shape) if n != 1),
+                                          bias.ndim):])
+  d_bias = sum_leading_axes(g, g.ndim - trailing.ndim)
+  return g, d_bias.reshape(bias.shape).astype(bias.dtype)
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def add_bias(x: Array, bias: Array) -> Array:
+  """x + bias, where bias broadcasts over x's leading axes (its own leading axes may be 1)."""
+  lead_ones = next((i for i, n in enumerate(bias.shape) if n != 1), bias.ndim)
+  trailing = bias.shape[lead_ones:]
+  if (not PERF["bias_grad_matvec"] or bias.ndim > x.ndim or
+      tuple(x.shape[x.ndim - len(trailing):]) != tuple(trailing)):
+    return x + bias.astype(x.dtype)
+  return _add_bias(x, bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +352,7 @@ class Dense(nn.Module):
                      kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", _zeros(self.axes[n_in:]), self.out_shape, jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = add_bias(y, bias)
     return y
 
 
@@ -348,7 +391,8 @@ def dot_product_attention(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Arra
   s_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
                            preferred_element_type=jnp.float32) * scale
   if bias_1xHxLxS is not None:
-    s_BxKxGxLxS += bias_1xHxLxS.reshape(bias_1xHxLxS.shape[0], kh, h // kh, *bias_1xHxLxS.shape[2:])
+    s_BxKxGxLxS = add_bias(s_BxKxGxLxS, bias_1xHxLxS.reshape(bias_1xHxLxS.shape[0], kh, h // kh,
+                                                             *bias_1xHxLxS.shape[2:]))
   if mask_Bx1xLxS is not None:
     s_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], s_BxKxGxLxS, NEG_INF)
   if PERF["softmax_vjp"]:
