@@ -29,6 +29,7 @@ PERF = {
     "attend_transposed": True,       # tied output layer as x @ E^T with E^T as a [D, V] kernel
     "softmax_vjp": True,             # attention softmax with the closed-form backward
     "bias_grad_matvec": True,        # bias gradients as ones @ g instead of a reduce (add_bias)
+    "mha_4d": True,                  # multi-head attention einsums without the size-1 group axis
 }
 
 
@@ -387,6 +388,17 @@ def dot_product_attention(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Arra
         mask=mask_Bx1xLxS, scale=scale)
   b, l, h, dh = q_BxLxHxDh.shape
   kh = k_BxSxKxDh.shape[2]
+  if PERF["mha_4d"] and kh == h:
+    s_BxHxLxS = jnp.einsum("blhd,bshd->bhls", q_BxLxHxDh, k_BxSxKxDh,
+                           preferred_element_type=jnp.float32) * scale
+    if bias_1xHxLxS is not None:
+      s_BxHxLxS = add_bias(s_BxHxLxS, bias_1xHxLxS)
+    if mask_Bx1xLxS is not None:
+      s_BxHxLxS = jnp.where(mask_Bx1xLxS, s_BxHxLxS, NEG_INF)
+    p_BxHxLxS = softmax_last_axis(s_BxHxLxS) if PERF["softmax_vjp"] else jax.nn.softmax(s_BxHxLxS)
+    if dropout_fn is not None:
+      p_BxHxLxS = dropout_fn(p_BxHxLxS)
+    return jnp.einsum("bhls,bshd->blhd", p_BxHxLxS.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
   q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kh, h // kh, dh)
   s_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
                            preferred_element_type=jnp.float32) * scale
