@@ -18,10 +18,8 @@ config stops everything before a single run starts, with one line.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.util
-import io
 import itertools
 import json
 import math
@@ -43,6 +41,9 @@ sys.path.insert(0, str(REPO))
 from gptjax import config_schema  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+sys.path.insert(0, str(REPO / "experiments"))
+from sweep_registry import REGISTRY, Registry, write_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/gpt.py:tiny", "Base config, FILE:VARIANT.")
 flags.DEFINE_string("root", "runs/sweep", "Folder holding one workdir per run and the registry.")
@@ -63,9 +64,6 @@ flags.DEFINE_bool("prepare", True, "Build each distinct corpus/tokenizer once be
                   "parallel runs do not race to prepare the same data cache.")
 flags.DEFINE_integer("retries", 1, "Relaunches of a failed run (it resumes from its checkpoint).")
 
-REGISTRY = "registry.jsonl"
-TABLE_METRICS = ("step", "loss", "eval_loss", "eval_lm_perplexity", "eval_mlm_accuracy",
-                 "eval_lm_accuracy", "tokens_per_sec", "wall_s")
 _DIST = re.compile(r"^(uniform|loguniform|randint)\(\s*([^,]+)\s*,\s*([^)]+)\s*\)$")
 
 
@@ -282,34 +280,6 @@ def _last_error(workdir: str) -> str:
 
 
 # ============================================================================ registry
-class Registry:
-  """ROOT/registry.jsonl: one JSON line per run, rewritten whole (atomically) on every change."""
-
-  def __init__(self, root: str):
-    self.path = os.path.join(root, REGISTRY)
-    self.runs: dict[str, dict] = {}
-    if os.path.exists(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        for line in f:
-          if line.strip():
-            r = json.loads(line)
-            self.runs[r["run_id"]] = r
-
-  def update(self, rid: str, **fields) -> dict:
-    """Merges `fields` into run `rid` and writes the file."""
-    self.runs.setdefault(rid, {"run_id": rid}).update(fields)
-    self.save()
-    return self.runs[rid]
-
-  def save(self) -> None:
-    """Writes every run, one line each."""
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      for r in self.runs.values():
-        f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, self.path)
-
-
 def refresh(registry: Registry, rid: str) -> dict:
   """Status and final metrics of run `rid` from its workdir."""
   r = registry.runs[rid]
@@ -322,50 +292,6 @@ def refresh(registry: Registry, rid: str) -> dict:
   extra = {"error": _last_error(r["workdir"])} if status == "failed" else {"error": ""}
   return registry.update(rid, status=status, returncode=result["returncode"], metrics=metrics,
                          finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
-
-
-# ============================================================================ table
-def table_rows(registry: Registry, sort_by: str) -> tuple[list[str], list[dict]]:
-  """(columns, rows) across every run in the registry, best `sort_by` first."""
-  fields = sorted({f for r in registry.runs.values() for f in r.get("overrides", {})})
-  varying = [f for f in fields
-             if len({json.dumps(r.get("overrides", {}).get(f)) for r in registry.runs.values()}) > 1]
-  fields = varying or fields  # fields fixed across every run are in the registry, not the table
-  metric_names = [m for m in TABLE_METRICS
-                  if any(m in r.get("metrics", {}) for r in registry.runs.values())]
-  columns = ["run_id", "status", *fields, *metric_names]
-  rows = []
-  for r in registry.runs.values():
-    row = {"run_id": r["run_id"], "status": r.get("status", "")}
-    row.update({f: r.get("overrides", {}).get(f, "") for f in fields})
-    row.update({m: r.get("metrics", {}).get(m, "") for m in metric_names})
-    rows.append(row)
-  key = lambda row: (not isinstance(row.get(sort_by), (int, float)),
-                     row.get(sort_by) if isinstance(row.get(sort_by), (int, float)) else 0)
-  return columns, sorted(rows, key=key)
-
-
-def _cell(v) -> str:
-  if isinstance(v, float):
-    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
-  return str(v)
-
-
-def write_tables(root: str, registry: Registry, sort_by: str) -> str:
-  """Writes ROOT/sweep_results.{md,csv}; returns the markdown."""
-  columns, rows = table_rows(registry, sort_by)
-  lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-  lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
-  markdown = "\n".join(lines) + "\n"
-  with open(os.path.join(root, "sweep_results.md"), "w", encoding="utf-8") as f:
-    f.write(markdown)
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=columns)
-  writer.writeheader()
-  writer.writerows(rows)
-  with open(os.path.join(root, "sweep_results.csv"), "w", encoding="utf-8", newline="") as f:
-    f.write(buf.getvalue())
-  return markdown
 
 
 # ============================================================================ launch
