@@ -4,9 +4,10 @@ XLA:CPU allocates each execution's buffers with malloc. By default glibc gives e
 own arena, serves large blocks with mmap and unmaps them on free, so every train step touches
 hundreds of MB of fresh pages that the kernel has to fault in and zero: on gpt:small (2 cores)
 about 141,000 minor page faults and 0.2 s of system time per 0.58 s step. With one arena, no mmap
-and a high trim threshold, freed blocks stay in the process and the next step reuses them: no
-page faults, and the step runs about 20% faster (experiments/PERFORMANCE.md). The price is a
-higher resident set (freed memory is kept, up to the trim threshold, instead of returned).
+and no trimming, freed blocks stay in the process and the next step reuses them: no
+page faults once the heap has grown to its working size (the first few steps), and the step runs
+about 20% faster (experiments/PERFORMANCE.md). The price is a higher resident set: freed memory
+is kept by the process for its next step instead of being returned.
 
 `configure()` runs once when gptjax is imported. It must run before JAX starts its CPU threads
 (a thread that already has an arena keeps it), so scripts import gptjax before running any JAX
@@ -25,7 +26,7 @@ import platform
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never trim
 ENV_VAR = "GPTJAX_HOST_MALLOC"
 
 _applied: bool | None = None
