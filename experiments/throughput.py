@@ -206,9 +206,12 @@ def profile(step, state, batches, name: str) -> dict:
 
 def main(argv):
   del argv
+  for flag, names in (("slow_path", FLAGS.slow_path), ("ab", FLAGS.ab)):
+    for name in names:
+      if name not in layers.PERF:
+        raise SystemExit(f"error: --{flag}={name} is not a switch; choose from "
+                         f"{', '.join(layers.PERF)}")
   for name in FLAGS.slow_path:
-    if name not in layers.PERF:
-      raise SystemExit(f"error: --slow_path={name} is not a switch; choose from {', '.join(layers.PERF)}")
     layers.PERF[name] = False
   dt = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
   n = 4096 if jax.default_backend() != "cpu" else 2048
@@ -219,9 +222,6 @@ def main(argv):
   print(f"matmul peak ({n}x{n}): float32 {peak32 / 1e12:.3f} TFLOP/s; {FLAGS.dtype} "
         f"{peak / 1e12:.3f} TFLOP/s")
   if FLAGS.ab:
-    for name in FLAGS.ab:
-      if name not in layers.PERF:
-        raise SystemExit(f"error: --ab={name} is not a switch; choose from {', '.join(layers.PERF)}")
     print("| model | switch | on: ms/step | off: ms/step | on is faster by |")
     print("|---|---|---:|---:|---:|")
     for family in FLAGS.families:

@@ -1,0 +1,40 @@
+"""experiments/throughput.py on tiny configs: the table, MFU, the profiler breakdown, --ab."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+SCRIPT = REPO / "experiments" / "throughput.py"
+
+
+def _run(*args, timeout=300):
+  return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_tiny_gpt_and_t5_rows_with_breakdown(tmp_path):
+  out = tmp_path / "tp.jsonl"
+  result = _run("--families=gpt,t5", "--variants=tiny", "--steps=2", "--warmup_steps=1",
+                "--profile_steps=1", f"--output={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["family"], r["variant"]) for r in rows] == [("gpt", "tiny"), ("t5", "tiny")]
+  for r in rows:
+    assert r["tokens_per_s"] > 0 and 0.0 < r["mfu"] < 1.0
+    assert r["peak_flops"] == max(r["peak_flops_all"]) and len(r["peak_flops_all"]) == 3
+    fractions = r["breakdown"]["fractions"]
+    assert abs(sum(fractions.values()) - 1.0) < 1e-6
+    assert fractions["matmul"] > 0 and fractions["optimizer"] > 0
+  assert "| gpt:tiny |" in result.stdout and "matmul%" in result.stdout
+
+
+def test_ab_reports_both_timings_and_rejects_unknown_switch():
+  result = _run("--families=gpt", "--variants=tiny", "--steps=1", "--ab=mha_4d")
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = next(ln for ln in result.stdout.splitlines() if ln.startswith("| gpt:tiny | mha_4d |"))
+  assert line.rstrip().endswith("x |")
+  bad = _run("--families=gpt", "--variants=tiny", "--ab=no_such_switch")
+  assert bad.returncode != 0
+  assert "--ab=no_such_switch is not a switch" in bad.stderr.strip().splitlines()[-1]
