@@ -46,8 +46,8 @@ flags.DEFINE_integer("seq_len", 0, "Override the config's sequence length (0: ke
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_string("attention_impl", "", "einsum | dot_product (empty: config default).")
 flags.DEFINE_bool("scan_layers", False, "Scan over layers.")
-flags.DEFINE_list("slow_path", [], "gptjax.layers.PERF switches to turn off, for A/B runs "
-                  "(flat_dense, residual_grad_barrier).")
+flags.DEFINE_list("slow_path", [], "gptjax.layers.PERF switches to turn off (the slow path "
+                  "each one replaced), for A/B runs across processes.")
 flags.DEFINE_list("ab", [], "PERF switches to A/B: each model is built with the switch on and "
                   "off and both are timed in alternating rounds of --steps in this process.")
 flags.DEFINE_string("output", "", "Append JSON lines of results to this file.")
@@ -146,7 +146,9 @@ def measure(family: str, variant: str) -> dict:
     compile_s = time.perf_counter() - t0
     # warm-up: the first steps also grow the heap to its working size (gptjax/host_memory.py)
     _, state = run_steps(step, state, batches, FLAGS.warmup_steps)
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     dt, state = run_steps(step, state, batches, FLAGS.steps)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / FLAGS.steps
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
     breakdown = profile(step, state, batches, f"{family}_{variant}") if FLAGS.breakdown else None
   b, l = c.data.batch_size, c.data.seq_len
@@ -159,26 +161,26 @@ def measure(family: str, variant: str) -> dict:
           "loss_tokens_per_s": loss_tokens / dt,
           "tflops_per_s": flop / dt / 1e12,
           "slow_path": ",".join(FLAGS.slow_path), "compile_s": compile_s,
-          "peak_mem_gb": peak_memory_bytes() / 2 ** 30, "breakdown": breakdown}
+          "peak_mem_gb": peak_memory_bytes() / 2 ** 30, "page_faults_per_step": faults,
+          "breakdown": breakdown}
 
 
 def compare_switch(family: str, variant: str, switch: str, rounds: int = 5) -> dict:
   """Step time with one PERF switch on and off, timed in alternating rounds in this process."""
-  variants = {}
+  runs = {}
   for on in (True, False):
     layers.PERF[switch] = on
-    c, _, mesh, step, state, batches, _ = build(family, variant)
+    _, _, mesh, step, state, batches, _ = build(family, variant)
     with jax.set_mesh(mesh):
       _, state = run_steps(step, state, batches, 2)  # compiles with the switch as set now
-    variants[on] = [mesh, step, state, batches, []]
+    runs[on] = {"mesh": mesh, "step": step, "state": state, "batches": batches, "times": []}
   layers.PERF[switch] = True
   for _ in range(rounds):
-    for on in (True, False):
-      mesh, step, state, batches, times = variants[on]
-      with jax.set_mesh(mesh):
-        dt, variants[on][2] = run_steps(step, state, batches, FLAGS.steps)
-      times.append(dt)
-  fast, slow = (float(np.median(variants[on][4])) for on in (True, False))
+    for r in runs.values():
+      with jax.set_mesh(r["mesh"]):
+        dt, r["state"] = run_steps(r["step"], r["state"], r["batches"], FLAGS.steps)
+      r["times"].append(dt)
+  fast, slow = (float(np.median(runs[on]["times"])) for on in (True, False))
   return {"family": family, "variant": variant, "switch": switch, "on_step_s": fast,
           "off_step_s": slow, "speedup": slow / fast}
 
@@ -246,7 +248,8 @@ def main(argv):
       peaks.append(flops.measure_matmul_peak(dt, n=n))
       print(f"{family}:{variant}  {r['tokens_per_s']:.0f} tok/s  "
             f"{r['tflops_per_s']:.3f} TFLOP/s  compile {r['compile_s']:.1f}s  "
-            f"step {1000 * r['step_s']:.0f}ms  (matmul peak now {peaks[-1] / 1e12:.3f})", flush=True)
+            f"step {1000 * r['step_s']:.0f}ms  page faults/step {r['page_faults_per_step']:.0f}  "
+            f"(matmul peak now {peaks[-1] / 1e12:.3f})", flush=True)
       if r["breakdown"]:
         b = r["breakdown"]
         print(f"  profiled step {1000 * b['profiled_step_s']:.0f}ms, top ops (ms/step): " +

@@ -59,7 +59,7 @@ def sum_leading_axes(x: Array, n: int) -> Array:
 
   XLA:CPU runs column sums (a reduce over a leading, strided axis) far slower than the same sum
   as a matrix-vector product: over [16, 65536] about 4 ms against 0.15 ms, over [2048, 8192]
-  3.0 ms against 1.4 ms on 2 cores.
+  2.8 ms against 1.5 ms on 2 cores (experiments/cpu_microbench.py).
   """
   lead = math.prod(x.shape[:n])
   flat = x.reshape(lead, -1)

@@ -3,7 +3,8 @@
 XLA:CPU allocates each execution's buffers with malloc. By default glibc gives every thread its
 own arena, serves large blocks with mmap and unmaps them on free, so every train step touches
 hundreds of MB of fresh pages that the kernel has to fault in and zero: on gpt:small (2 cores)
-about 141,000 minor page faults and 0.2 s of system time per 0.58 s step. With one arena, no mmap
+120,000 to 141,000 minor page faults and 0.2 s of system time per 0.55 s step
+(experiments/throughput.py reports the faults per step). With one arena, no mmap
 and no trimming, freed blocks stay in the process and the next step reuses them: no
 page faults once the heap has grown to its working size (the first few steps), and the step runs
 about 20% faster (experiments/PERFORMANCE.md). The price is a higher resident set: freed memory

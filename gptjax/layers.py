@@ -280,29 +280,24 @@ def dot_product_attention(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Arra
         mask=mask_Bx1xLxS, scale=scale)
   b, l, h, dh = q_BxLxHxDh.shape
   kh = k_BxSxKxDh.shape[2]
-  if PERF["mha_4d"] and kh == h:
-    s_BxHxLxS = jnp.einsum("blhd,bshd->bhls", q_BxLxHxDh, k_BxSxKxDh,
-                           preferred_element_type=jnp.float32) * scale
-    if bias_1xHxLxS is not None:
-      s_BxHxLxS = add_bias(s_BxHxLxS, bias_1xHxLxS)
-    if mask_Bx1xLxS is not None:
-      s_BxHxLxS = jnp.where(mask_Bx1xLxS, s_BxHxLxS, NEG_INF)
-    p_BxHxLxS = _attention_softmax(s_BxHxLxS)
-    if dropout_fn is not None:
-      p_BxHxLxS = dropout_fn(p_BxHxLxS)
-    return jnp.einsum("bhls,bshd->blhd", p_BxHxLxS.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
-  q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kh, h // kh, dh)
-  s_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
-                           preferred_element_type=jnp.float32) * scale
-  if bias_1xHxLxS is not None:
-    s_BxKxGxLxS = add_bias(s_BxKxGxLxS, bias_1xHxLxS.reshape(bias_1xHxLxS.shape[0], kh, h // kh,
-                                                             *bias_1xHxLxS.shape[2:]))
-  if mask_Bx1xLxS is not None:
-    s_BxKxGxLxS = jnp.where(mask_Bx1xLxS[:, :, None], s_BxKxGxLxS, NEG_INF)
-  p_BxKxGxLxS = _attention_softmax(s_BxKxGxLxS)
+  if PERF["mha_4d"] and kh == h:  # multi-head: no query-group axis (G = 1) to carry around
+    q, scores_eq, out_eq = q_BxLxHxDh, "blhd,bshd->bhls", "bhls,bshd->blhd"
+    mask, bias = mask_Bx1xLxS, bias_1xHxLxS
+  else:  # grouped-query: G = H // K query heads share each key/value head
+    q = q_BxLxHxDh.reshape(b, l, kh, h // kh, dh)
+    scores_eq, out_eq = "blkgd,bskd->bkgls", "bkgls,bskd->blkgd"
+    mask = None if mask_Bx1xLxS is None else mask_Bx1xLxS[:, :, None]
+    bias = None if bias_1xHxLxS is None else bias_1xHxLxS.reshape(
+        bias_1xHxLxS.shape[0], kh, h // kh, *bias_1xHxLxS.shape[2:])
+  s = jnp.einsum(scores_eq, q, k_BxSxKxDh, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    s = add_bias(s, bias)
+  if mask is not None:
+    s = jnp.where(mask, s, NEG_INF)
+  p = _attention_softmax(s)
   if dropout_fn is not None:
-    p_BxKxGxLxS = dropout_fn(p_BxKxGxLxS)
-  out = jnp.einsum("bkgls,bskd->blkgd", p_BxKxGxLxS.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
+    p = dropout_fn(p)
+  out = jnp.einsum(out_eq, p.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
   return out.reshape(b, l, h, dh)
 
 

@@ -280,12 +280,7 @@ def test_performance_switches_keep_loss_and_gradients(family, monkeypatch):
     monkeypatch.setitem(layers.PERF, name, False)
   slow_loss, slow_grads = loss_and_grads()
   np.testing.assert_allclose(fast_loss, slow_loss, rtol=1e-6)
-  for path, g in jax.tree_util.tree_leaves_with_path(slow_grads):
-    f = _tree_get(fast_grads, path)
-    np.testing.assert_allclose(f, g, atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
-
-
-def _tree_get(tree, path):
-  for k in path:
-    tree = tree[k.key]
-  return tree
+  jax.tree_util.tree_map_with_path(
+      lambda path, f, g: np.testing.assert_allclose(f, g, atol=1e-6, rtol=1e-4,
+                                                    err_msg=jax.tree_util.keystr(path)),
+      fast_grads, slow_grads)
