@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array = jax.Array
 
@@ -24,6 +25,7 @@ PERF = {
     "softmax_vjp": True,             # attention softmax with the closed-form backward
     "bias_grad_matvec": True,        # bias gradients as ones @ g instead of a reduce (add_bias)
     "mha_4d": True,                  # multi-head attention einsums without the size-1 group axis
+    "clip_as_scale": True,           # gradient clipping as one scalar factor (clip_by_global_norm)
 }
 
 
@@ -130,3 +132,24 @@ def _softmax_bwd(p, g):
 
 
 softmax_last_axis.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm (same empty state) with the clipping as one scalar factor.
+
+  optax clips each element as `(g / norm) * max_norm`. A per-element division is too costly for
+  XLA:CPU to recompute in each of AdamW's consumers of the clipped gradient (both moments), so
+  it writes the clipped gradient out: one more pass over every parameter-sized array per step.
+  `g * where(norm < max_norm, 1, max_norm / norm)` fuses into the moment updates. Unclipped
+  gradients are bit-identical; clipped ones agree to rounding.
+  """
+  reference = optax.clip_by_global_norm(max_norm)
+
+  def update_fn(updates, state, params=None):
+    if not PERF["clip_as_scale"]:
+      return reference.update(updates, state, params)
+    norm = optax.tree.norm(updates)
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(reference.init, update_fn)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax import models, objectives, sharding
+from gptjax import fast_paths, models, objectives, sharding
 from gptjax.layers import ModelConfig
 
 
@@ -48,7 +48,7 @@ def decay_mask(params) -> Any:
 def make_optimizer(train_cfg, trainable_mask: Optional[Any] = None) -> optax.GradientTransformation:
   """AdamW with clipping and a decay mask; frozen leaves (mask False) get no state and no update."""
   tx = optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip > 0 else optax.identity(),
+      fast_paths.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip > 0 else optax.identity(),
       optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                   weight_decay=train_cfg.weight_decay, mask=decay_mask))
   if trainable_mask is None:
@@ -129,7 +129,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, tx, seed: i
     terms = jax.lax.psum(terms, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "terms": terms}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "terms": terms}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -216,3 +216,30 @@ def test_pair_objectives_fit_one_real_batch(objective):
       state, m = step(state, device_batch)
       losses.append(float(m["loss"]))
   assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize("grad_scale", [1e-3, 30.0])  # below and above the clip norm
+def test_gptjax_optimizer_matches_optax_clip_and_adamw(grad_scale):
+  """make_optimizer's clip (one scalar factor) keeps optax's state tree and its updates."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from gptjax import train_step  # pylint: disable=g-import-not-at-top
+  cfg = load_config("gpt", "tiny").train
+  params = {"kernel": jax.random.normal(jax.random.key(0), (64, 32)),
+            "bias": jax.random.normal(jax.random.key(1), (32,))}
+  reference = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(train_step.learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+                  weight_decay=cfg.weight_decay, mask=train_step.decay_mask))
+  ours = train_step.make_optimizer(cfg)
+  assert jax.tree.structure(ours.init(params)) == jax.tree.structure(reference.init(params))
+  results = []
+  for tx in (ours, reference):
+    p, s = params, tx.init(params)
+    for i in range(3):
+      g = jax.tree.map(lambda x: grad_scale * jax.random.normal(jax.random.key(10 + i), x.shape),
+                       params)
+      u, s = jax.jit(tx.update)(g, s, p)
+      p = optax.apply_updates(p, u)
+    results.append((p, s))
+  tol = 0 if grad_scale < cfg.grad_clip else 1e-5  # unclipped: bit-identical
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 1e-3), *results)
