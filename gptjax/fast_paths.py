@@ -25,6 +25,7 @@ PERF = {
     "softmax_vjp": True,             # attention softmax with the closed-form backward
     "bias_grad_matvec": True,        # bias gradients as ones @ g instead of a reduce (add_bias)
     "mha_4d": True,                  # multi-head attention einsums without the size-1 group axis
+    "causal_blocks": True,           # causal self-attention skips key blocks above the diagonal
     "clip_as_scale": True,           # gradient clipping as one scalar factor (clip_by_global_norm)
 }
 

@@ -271,13 +271,67 @@ def _attention_softmax(s: Array) -> Array:
 
 def dot_product_attention(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array,
                           mask_Bx1xLxS: Optional[Array], bias_1xHxLxS: Optional[Array], scale: float,
-                          impl: str, dropout_fn=None) -> Array:
-  """Softmax attention in float32, with grouped-query heads, mask and additive bias."""
+                          impl: str, dropout_fn=None, causal: bool = False) -> Array:
+  """Softmax attention in float32, with grouped-query heads, mask and additive bias.
+
+  `causal` promises that the mask never lets a query see a later key (self-attention without a
+  prefix); the einsum path then skips the key blocks above the diagonal (`causal_query_blocks`).
+  """
   if impl == "dot_product" and dropout_fn is None:
     return jax.nn.dot_product_attention(
         q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh,
         bias=None if bias_1xHxLxS is None else bias_1xHxLxS.astype(q_BxLxHxDh.dtype),
         mask=mask_Bx1xLxS, scale=scale)
+  blocks = causal_query_blocks(q_BxLxHxDh.shape[1], k_BxSxKxDh.shape[1])
+  if (causal and PERF["causal_blocks"] and dropout_fn is None and blocks > 1 and
+      mask_Bx1xLxS is not None and mask_Bx1xLxS.shape[2:] == (q_BxLxHxDh.shape[1],) * 2):
+    return _blocked_causal_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS,
+                                     bias_1xHxLxS, scale, blocks)
+  return _attend(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, bias_1xHxLxS, scale,
+                 dropout_fn)
+
+
+def causal_query_blocks(l: int, s: int) -> int:
+  """How many query blocks causal self-attention of length `l` is split into (1: not split).
+
+  Blocks of at least 64 queries, at most 8 of them: smaller batched matmuls lose more to
+  overhead than skipping the masked keys saves on XLA:CPU.
+  """
+  if l != s:
+    return 1
+  n = min(8, l // 64)
+  while n > 1 and l % n:
+    n -= 1
+  return max(n, 1)
+
+
+def _blocked_causal_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, bias_1xHxLxS,
+                              scale, blocks: int) -> Array:
+  """Causal attention per query block against only the keys up to the block's end.
+
+  The skipped keys are masked for every query of the block, so the result is the full
+  computation's; the score and value matmuls shrink to (blocks + 1) / (2 * blocks) of theirs.
+  """
+  l = q_BxLxHxDh.shape[1]
+  c = l // blocks
+
+  def rows_keys(x, i):  # a size-1 (broadcast) axis stays whole
+    if x is None:
+      return None
+    rows = slice(i * c, (i + 1) * c) if x.shape[2] == l else slice(None)
+    keys = slice(0, (i + 1) * c) if x.shape[3] == l else slice(None)
+    return x[:, :, rows, keys]
+
+  outs = [_attend(q_BxLxHxDh[:, i * c:(i + 1) * c], k_BxSxKxDh[:, :(i + 1) * c],
+                  v_BxSxKxDh[:, :(i + 1) * c], rows_keys(mask_Bx1xLxS, i),
+                  rows_keys(bias_1xHxLxS, i), scale, None) for i in range(blocks)]
+  return jnp.concatenate(outs, axis=1)
+
+
+def _attend(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array,
+            mask_Bx1xLxS: Optional[Array], bias_1xHxLxS: Optional[Array], scale: float,
+            dropout_fn) -> Array:
+  """Scores, mask and bias, softmax, dropout, weighted values: the einsum formulation."""
   b, l, h, dh = q_BxLxHxDh.shape
   kh = k_BxSxKxDh.shape[2]
   if PERF["mha_4d"] and kh == h:  # multi-head: no query-group axis (G = 1) to carry around
@@ -307,6 +361,7 @@ class Attention(nn.Module):
   is_cross: bool = False
   decode: bool = False
   deterministic: bool = True
+  causal: bool = False  # the mask never lets a query see a later key (dot_product_attention)
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, kv_BxSxD: Optional[Array] = None,
@@ -334,7 +389,8 @@ class Attention(nn.Module):
       dropout_fn = nn.Dropout(cfg.attention_dropout_rate, deterministic=False)
     scale = dh ** -0.5 if cfg.scale_attention else 1.0
     out_BxLxHxDh = dot_product_attention(q, k.astype(dt), v.astype(dt), mask_Bx1xLxS, bias_1xHxLxS,
-                                         scale, cfg.attention_impl, dropout_fn)
+                                         scale, cfg.attention_impl, dropout_fn,
+                                         causal=self.causal and not self.is_cross and not self.decode)
     out_std = kernel_std(cfg, h * dh)
     return Dense((h, dh), (d,), ("heads", "kv", "embed"), out_std, cfg.use_bias, dt,
                  name="out")(out_BxLxHxDh)
@@ -395,6 +451,7 @@ class TransformerLayer(nn.Module):
   has_cross: bool = False
   decode: bool = False
   deterministic: bool = True
+  causal: bool = False  # self_mask is at least causal (see Attention)
 
   @nn.compact
   def __call__(self, x_BxLxD, encoded_BxSxD, self_mask, cross_mask, self_bias, positions_BxL,
@@ -411,7 +468,7 @@ class TransformerLayer(nn.Module):
       return make_norm(cfg, f"{name}_norm")(x + drop(fn(x)))
 
     x = block(x_BxLxD, "self_attn", lambda y: Attention(
-        cfg, False, self.decode, self.deterministic, name="self_attn")(
+        cfg, False, self.decode, self.deterministic, self.causal, name="self_attn")(
             y, None, self_mask, self_bias, positions_BxL, input_mask_BxL))
     if self.has_cross:
       x = block(x, "cross_attn", lambda y: Attention(

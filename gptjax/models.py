@@ -101,15 +101,17 @@ class Stack(nn.Module):
       layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat],
                            prevent_cse=not cfg.scan_layers)
     args = (encoded_BxSxD, self_mask, cross_mask, bias, positions_BxL, input_mask_BxL)
+    causal = self.causal and prefix_mask_BxL is None  # a prefix sees keys after the query
     if cfg.scan_layers:
       scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, self.has_cross, decode, deterministic, name="layers")(x, *args)
+      x, _ = scanned(cfg, self.has_cross, decode, deterministic, causal, name="layers")(x, *args)
     else:
       for i in range(self.num_layers):
-        x, _ = layer_cls(cfg, self.has_cross, decode, deterministic, name=f"layers_{i}")(x, *args)
+        x, _ = layer_cls(cfg, self.has_cross, decode, deterministic, causal,
+                         name=f"layers_{i}")(x, *args)
     if cfg.norm_position == "pre" and cfg.final_norm:
       x = layers.make_norm(cfg, "final_norm")(x)
     return x

@@ -284,3 +284,26 @@ def test_performance_switches_keep_loss_and_gradients(family, monkeypatch):
       lambda path, f, g: np.testing.assert_allclose(f, g, atol=1e-6, rtol=1e-4,
                                                     err_msg=jax.tree_util.keystr(path)),
       fast_grads, slow_grads)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_causal_query_blocks_match_full_attention(kv_heads):
+  """Skipping the key blocks above the diagonal changes neither outputs nor gradients."""
+  b, l, h, dh = 2, 256, 4, 16
+  assert layers.causal_query_blocks(l, l) == 4
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (b, l, h, dh))
+  k, v = (jax.random.normal(kk, (b, l, kv_heads, dh)) for kk in ks[1:3])
+  segments = jnp.cumsum(jax.random.bernoulli(ks[3], 0.02, (b, l)), axis=1)  # packed documents
+  mask = models.build_mask(None, True, l, segments)
+  bias = layers.alibi_bias(jnp.arange(l), jnp.arange(l), h, True)
+
+  def attend(causal):
+    f = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, bias, dh ** -0.5, "einsum",
+                                                     causal=causal)
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(jnp.cos(out))
+
+  np.testing.assert_allclose(attend(True)[0], attend(False)[0], atol=1e-5)
+  for blocked, full in zip(attend(True)[1], attend(False)[1]):
+    np.testing.assert_allclose(blocked, full, atol=1e-5)
