@@ -18,7 +18,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# torch (CPU build) is only a test dependency: the reference implementations for weight import.
+# torch (CPU build) is a test and benchmark dependency: reference implementations for weight import
+# and the eager-PyTorch baseline of experiments/torch_reference.py.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
 	$(PY) -m pip install -q -e '.[test]'

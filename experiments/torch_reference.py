@@ -203,7 +203,8 @@ def main(argv):
           f"{tok['pytorch']:.0f} | {tok['gptjax'] / tok['pytorch']:.2f}x | "
           f"{100 * mfu['gptjax']:.1f}% | {100 * mfu['pytorch']:.1f}% | {r['logit_diff']:.1e} |",
           flush=True)
-  print(f"MFU against the highest XLA float32 matmul peak of the run ({peak / 1e12:.3f} TFLOP/s)")
+  print(f"MFU of each row against the highest XLA float32 matmul peak measured up to it "
+        f"(last: {peak / 1e12:.3f} TFLOP/s)")
 
 
 if __name__ == "__main__":
