@@ -1,13 +1,22 @@
-"""Micro-benchmarks behind two XLA:CPU findings in experiments/PERFORMANCE.md.
+"""Micro-benchmarks behind the XLA:CPU findings in experiments/PERFORMANCE.md.
 
-  python experiments/cpu_microbench.py
+  python experiments/cpu_microbench.py [--benchmarks=colsum,adamw,...]
 
 colsum: a column sum (reduce over the leading axis) against the same sum as a ones-vector
 matmul, the reason for gptjax.fast_paths.sum_leading_axes.
 adamw: optax's clip + AdamW update, the same with gptjax's clip (fast_paths.clip_by_global_norm,
 the clipping as one scalar factor), and the update written as one expression per parameter
 (buffers donated in all three), on a parameter list shaped like t5:small's.
-Each figure is the mean of --repeats calls after one warm-up call.
+matmul_dtypes: 2048 x 2048 matmuls in float32 and bfloat16 through XLA and through PyTorch.
+batched_dot: gpt:small's attention score matmul ([16, 4] x 128 x 64 x 128) through XLA and
+torch.bmm (run it under `taskset -c 0` too: XLA's figure does not change on one core).
+attention: forward+backward of one gpt:small layer's attention core (gptjax's einsum attention,
+the same in causal query blocks, PyTorch's causal scaled_dot_product_attention).
+cross_entropy: the tied vocabulary projection and loss of a gpt:small batch, whole and in
+token chunks, forward+backward.
+qkv: three [2048, 256] x [256, 256] projections against one [256, 768], forward+backward.
+Each figure is the mean of --repeats calls after one warm-up call. PyTorch (a test and benchmark
+dependency, installed by `make install-test`) runs with its default threads.
 """
 
 import pathlib
@@ -26,6 +35,8 @@ from gptjax import fast_paths  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 20, "Timed calls per measurement.")
+flags.DEFINE_list("benchmarks", ["colsum", "adamw", "matmul_dtypes", "batched_dot", "attention",
+                                 "cross_entropy", "qkv"], "Which micro-benchmarks to run.")
 
 
 def timed(f, *args) -> float:
@@ -97,10 +108,124 @@ def adamw() -> None:
         f"one expression per parameter {timed(run_b):.2f} ms")
 
 
+def timed_torch(f) -> float:
+  """Milliseconds per call of the PyTorch function `f()` after one warm-up call."""
+  f()
+  t0 = time.perf_counter()
+  for _ in range(FLAGS.repeats):
+    f()
+  return (time.perf_counter() - t0) / FLAGS.repeats * 1e3
+
+
+def matmul_dtypes() -> None:
+  """TFLOP/s of a 2048 x 2048 matmul per dtype, XLA against PyTorch (which uses AMX if any)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  n = 2048
+  for name, jdt, tdt in (("float32", jnp.float32, torch.float32),
+                         ("bfloat16", jnp.bfloat16, torch.bfloat16)):
+    a = jax.random.normal(jax.random.key(0), (n, n)).astype(jdt)
+    b = torch.randn(n, n).to(tdt)
+    xla = 2 * n ** 3 / timed(jax.jit(lambda a: a @ a), a) / 1e9
+    pt = 2 * n ** 3 / timed_torch(lambda: b @ b) / 1e9
+    print(f"matmul {name}: XLA {xla:.3f} TFLOP/s, PyTorch {pt:.3f} TFLOP/s")
+
+
+B, H, L, DH = 16, 4, 128, 64  # gpt:small's attention
+
+
+def batched_dot() -> None:
+  """GFLOP/s of the attention score matmul as one batched dot, XLA against torch.bmm."""
+  import torch  # pylint: disable=g-import-not-at-top
+  q, k = (jax.random.normal(jax.random.key(i), (B, H, L, DH)) for i in range(2))
+  tq, tk = torch.randn(B, H, L, DH), torch.randn(B, H, L, DH)
+  flop = 2 * B * H * L * L * DH
+  xla = flop / timed(jax.jit(lambda q, k: jnp.einsum("bhld,bhsd->bhls", q, k)), q, k) / 1e6
+  pt = flop / timed_torch(lambda: tq @ tk.transpose(-1, -2)) / 1e6
+  print(f"batched dot [{B}, {H}] x {L} x {DH} x {L}: XLA {xla:.0f} GFLOP/s, "
+        f"torch.bmm {pt:.0f} GFLOP/s")
+
+
+def attention() -> None:
+  """ms per forward+backward of one gpt:small layer's attention core, three ways."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from gptjax import layers, models  # pylint: disable=g-import-not-at-top
+  q, k, v, g = (jax.random.normal(jax.random.key(i), (B, L, H, DH)) for i in range(4))
+  mask = models.build_mask(None, True, L)
+
+  def fwd_bwd(causal):
+    def f(q, k, v):
+      attend = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, None, DH ** -0.5,
+                                                            "einsum", causal=causal)
+      out, vjp = jax.vjp(attend, q, k, v)
+      return out, vjp(g)
+    return jax.jit(f)
+
+  full, blocked = timed(fwd_bwd(False), q, k, v), timed(fwd_bwd(True), q, k, v)
+  tq, tk, tv = (torch.randn(B, H, L, DH, requires_grad=True) for _ in range(3))
+  tg = torch.randn(B, H, L, DH)
+
+  def torch_fwd_bwd():
+    torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True).backward(tg)
+
+  print(f"attention fwd+bwd [{B}, {L}, {H}, {DH}]: gptjax {full:.2f} ms, in "
+        f"{layers.causal_query_blocks(L, L)} causal query blocks {blocked:.2f} ms, PyTorch SDPA "
+        f"{timed_torch(torch_fwd_bwd):.2f} ms")
+
+
+def cross_entropy() -> None:
+  """ms per forward+backward of gpt:small's vocabulary projection and loss, whole and chunked."""
+  t, d, v = 2048, 256, 8192
+  x = jax.random.normal(jax.random.key(0), (t, d))
+  table_t = 0.02 * jax.random.normal(jax.random.key(1), (d, v))
+  targets = jax.random.randint(jax.random.key(2), (t,), 0, v)
+
+  def loss(x, table_t, targets):
+    logits = x @ table_t
+    return jnp.sum(jax.nn.logsumexp(logits, -1) -
+                   jnp.take_along_axis(logits, targets[:, None], -1)[:, 0])
+
+  def chunked(n):
+    c = t // n
+    return lambda x, e, y: sum(loss(x[i * c:(i + 1) * c], e, y[i * c:(i + 1) * c])
+                               for i in range(n))
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+  times = {n: timed(grad(chunked(n) if n > 1 else loss), x, table_t, targets) for n in (1, 2, 4, 8)}
+  print("cross-entropy fwd+bwd [2048 x 256] x [256 x 8192]: " +
+        ", ".join(f"{n} chunk{'s' if n > 1 else ''} {ms:.1f} ms" for n, ms in times.items()))
+
+
+def qkv() -> None:
+  """ms per forward+backward of the query/key/value projections, separate against one matmul."""
+  x = jax.random.normal(jax.random.key(0), (2048, 256))
+  ws = [jax.random.normal(jax.random.key(i), (256, 256)) for i in range(1, 4)]
+  gs = [jax.random.normal(jax.random.key(i), (2048, 256)) for i in range(4, 7)]
+  separate = lambda x, ws: [x @ w for w in ws]
+  fused = lambda x, ws: jnp.split(x @ jnp.concatenate(ws, 1), 3, axis=1)
+
+  def fwd_bwd(f):
+    def run(x, ws):
+      _, vjp = jax.vjp(f, x, ws)
+      return vjp(gs)
+    return jax.jit(run)
+
+  print(f"qkv fwd+bwd: three matmuls {timed(fwd_bwd(separate), x, ws):.2f} ms, "
+        f"one {timed(fwd_bwd(fused), x, ws):.2f} ms")
+
+
+BENCHMARKS = {"colsum": colsum, "adamw": adamw, "matmul_dtypes": matmul_dtypes,
+              "batched_dot": batched_dot, "attention": attention, "cross_entropy": cross_entropy,
+              "qkv": qkv}
+
+
 def main(argv):
   del argv
-  colsum()
-  adamw()
+  unknown = [b for b in FLAGS.benchmarks if b not in BENCHMARKS]
+  if unknown:
+    raise SystemExit(f"error: --benchmarks={','.join(unknown)} is unknown; choose from "
+                     f"{', '.join(BENCHMARKS)}")
+  for name in FLAGS.benchmarks:
+    BENCHMARKS[name]()
 
 
 if __name__ == "__main__":

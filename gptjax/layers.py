@@ -282,9 +282,11 @@ def dot_product_attention(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Arra
         q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh,
         bias=None if bias_1xHxLxS is None else bias_1xHxLxS.astype(q_BxLxHxDh.dtype),
         mask=mask_Bx1xLxS, scale=scale)
-  blocks = causal_query_blocks(q_BxLxHxDh.shape[1], k_BxSxKxDh.shape[1])
+  l = q_BxLxHxDh.shape[1]
+  blocks = causal_query_blocks(l, k_BxSxKxDh.shape[1])
   if (causal and PERF["causal_blocks"] and dropout_fn is None and blocks > 1 and
-      mask_Bx1xLxS is not None and mask_Bx1xLxS.shape[2:] == (q_BxLxHxDh.shape[1],) * 2):
+      mask_Bx1xLxS is not None and mask_Bx1xLxS.shape[2:] == (l, l) and
+      (bias_1xHxLxS is None or bias_1xHxLxS.shape[2:] == (l, l))):
     return _blocked_causal_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS,
                                      bias_1xHxLxS, scale, blocks)
   return _attend(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, bias_1xHxLxS, scale,
@@ -315,12 +317,8 @@ def _blocked_causal_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, 
   l = q_BxLxHxDh.shape[1]
   c = l // blocks
 
-  def rows_keys(x, i):  # a size-1 (broadcast) axis stays whole
-    if x is None:
-      return None
-    rows = slice(i * c, (i + 1) * c) if x.shape[2] == l else slice(None)
-    keys = slice(0, (i + 1) * c) if x.shape[3] == l else slice(None)
-    return x[:, :, rows, keys]
+  def rows_keys(x, i):  # mask and bias are full [.., L, S] here
+    return None if x is None else x[:, :, i * c:(i + 1) * c, :(i + 1) * c]
 
   outs = [_attend(q_BxLxHxDh[:, i * c:(i + 1) * c], k_BxSxKxDh[:, :(i + 1) * c],
                   v_BxSxKxDh[:, :(i + 1) * c], rows_keys(mask_Bx1xLxS, i),
@@ -361,7 +359,7 @@ class Attention(nn.Module):
   is_cross: bool = False
   decode: bool = False
   deterministic: bool = True
-  causal: bool = False  # the mask never lets a query see a later key (dot_product_attention)
+  causal: bool = False  # self-attention whose mask never lets a query see a later key
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, kv_BxSxD: Optional[Array] = None,
@@ -389,8 +387,7 @@ class Attention(nn.Module):
       dropout_fn = nn.Dropout(cfg.attention_dropout_rate, deterministic=False)
     scale = dh ** -0.5 if cfg.scale_attention else 1.0
     out_BxLxHxDh = dot_product_attention(q, k.astype(dt), v.astype(dt), mask_Bx1xLxS, bias_1xHxLxS,
-                                         scale, cfg.attention_impl, dropout_fn,
-                                         causal=self.causal and not self.is_cross and not self.decode)
+                                         scale, cfg.attention_impl, dropout_fn, causal=self.causal)
     out_std = kernel_std(cfg, h * dh)
     return Dense((h, dh), (d,), ("heads", "kv", "embed"), out_std, cfg.use_bias, dt,
                  name="out")(out_BxLxHxDh)
@@ -451,7 +448,7 @@ class TransformerLayer(nn.Module):
   has_cross: bool = False
   decode: bool = False
   deterministic: bool = True
-  causal: bool = False  # self_mask is at least causal (see Attention)
+  causal: bool = False  # self_mask is at least causal and not a decode cache's (see Attention)
 
   @nn.compact
   def __call__(self, x_BxLxD, encoded_BxSxD, self_mask, cross_mask, self_bias, positions_BxL,

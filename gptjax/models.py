@@ -101,7 +101,9 @@ class Stack(nn.Module):
       layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat],
                            prevent_cse=not cfg.scan_layers)
     args = (encoded_BxSxD, self_mask, cross_mask, bias, positions_BxL, input_mask_BxL)
-    causal = self.causal and prefix_mask_BxL is None  # a prefix sees keys after the query
+    # blocked causal attention needs a mask hiding every later key: not with a prefix (it sees
+    # keys after the query) nor when decoding (the cache builds its own mask)
+    causal = self.causal and prefix_mask_BxL is None and not decode
     if cfg.scan_layers:
       scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},

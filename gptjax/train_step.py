@@ -47,8 +47,9 @@ def decay_mask(params) -> Any:
 
 def make_optimizer(train_cfg, trainable_mask: Optional[Any] = None) -> optax.GradientTransformation:
   """AdamW with clipping and a decay mask; frozen leaves (mask False) get no state and no update."""
+  clip = train_cfg.grad_clip
   tx = optax.chain(
-      fast_paths.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip > 0 else optax.identity(),
+      fast_paths.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
       optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                   weight_decay=train_cfg.weight_decay, mask=decay_mask))
   if trainable_mask is None:

@@ -1,4 +1,5 @@
-"""experiments/throughput.py on tiny configs: the table, MFU, the profiler breakdown, --ab."""
+"""experiments/throughput.py on tiny configs (the table, MFU, the profiler breakdown, --ab) and
+experiments/cpu_microbench.py."""
 
 import json
 import subprocess
@@ -38,3 +39,15 @@ def test_ab_reports_both_timings_and_rejects_unknown_switch():
   bad = _run("--families=gpt", "--variants=tiny", "--ab=no_such_switch")
   assert bad.returncode != 0
   assert "--ab=no_such_switch is not a switch" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_cpu_microbench_prints_its_figures_and_rejects_unknown_names():
+  script = str(REPO / "experiments" / "cpu_microbench.py")
+  run = lambda *a: subprocess.run([sys.executable, script, "--repeats=1", *a], cwd=REPO,
+                                  capture_output=True, text=True, timeout=300)
+  result = run("--benchmarks=attention,qkv")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "in 2 causal query blocks" in result.stdout and "qkv fwd+bwd" in result.stdout
+  bad = run("--benchmarks=attention,nope")
+  assert bad.returncode != 0
+  assert "--benchmarks=nope is unknown" in bad.stderr.strip().splitlines()[-1]
