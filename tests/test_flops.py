@@ -1,0 +1,51 @@
+"""The model FLOP count behind MFU and equal-FLOP budgets, against the dot products traced."""
+
+import dataclasses
+
+import jax
+import pytest
+
+from conftest import load_config
+from gptjax import fast_paths, flops, models
+from gptjax.layers import ModelConfig
+
+
+def _counted_and_traced(family: str, seq_len: int, target_len: int, **changes):
+  c = load_config(family, "tiny")
+  cfg = dataclasses.replace(ModelConfig.from_config(c.model), **changes)
+  model = models.make_model(cfg)
+  inputs = models.dummy_inputs(cfg, 1, seq_len, target_len)
+  params = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, **inputs))
+  traced = flops.traced_matmul_flops(lambda p: model.apply(p, **inputs), params)
+  counted = flops.train_flops_per_example(cfg, seq_len, target_len, c.objective) / 3
+  return counted, traced
+
+
+@pytest.mark.parametrize("family,seq_len,target_len,changes", [
+    ("gpt", 64, 0, {}),
+    ("gpt", 48, 0, {"activation": "swiglu", "num_kv_heads": 2}),
+    ("gpt", 32, 0, {"tie_embeddings": False}),
+    ("t5", 64, 16, {}),   # encoder and decoder lengths differ: cross-attention K/V per encoder token
+    ("t5", 24, 40, {"activation": "gated_gelu"}),
+    ("bart", 32, 8, {}),
+])
+def test_flop_count_equals_traced_matmuls(family, seq_len, target_len, changes, monkeypatch):
+  monkeypatch.setitem(fast_paths.PERF, "causal_blocks", False)  # the count is of full attention
+  counted, traced = _counted_and_traced(family, seq_len, target_len, **changes)
+  assert counted == traced
+
+
+def test_bert_flop_count_leaves_out_only_the_per_example_heads():
+  counted, traced = _counted_and_traced("bert", 64, 0)
+  cfg = ModelConfig.from_config(load_config("bert", "tiny").model)
+  per_example_heads = 2 * cfg.embed_dim * cfg.embed_dim + 2 * cfg.embed_dim * 2  # pooler, NSP
+  assert traced - counted == per_example_heads
+
+
+def test_traced_matmul_flops_counts_scan_bodies_per_iteration():
+  x = jax.numpy.ones((4, 8))
+  w = jax.numpy.ones((8, 8))
+  body = lambda h, _: (h @ w, None)
+  once = flops.traced_matmul_flops(lambda x: x @ w, x)
+  assert once == 2 * 4 * 8 * 8
+  assert flops.traced_matmul_flops(lambda x: jax.lax.scan(body, x, None, length=5)[0], x) == 5 * once
