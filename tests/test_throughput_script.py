@@ -2,6 +2,7 @@
 experiments/cpu_microbench.py."""
 
 import json
+import time
 import subprocess
 import sys
 
@@ -51,3 +52,24 @@ def test_cpu_microbench_prints_its_figures_and_rejects_unknown_names():
   bad = run("--benchmarks=attention,nope")
   assert bad.returncode != 0
   assert "--benchmarks=nope is unknown" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_breakdown_counts_an_eigen_dot_after_its_dispatch_event(tmp_path):
+  sys.path.insert(0, str(REPO / "experiments"))
+  import jax  # pylint: disable=g-import-not-at-top
+  import profile_breakdown  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2048, 256))
+  g = jax.random.normal(jax.random.key(1), (2048, 1024))
+  f = jax.jit(lambda x, g: jax.numpy.tanh(x.T @ g))  # a plain dot, run by Eigen on XLA:CPU
+  hlo = f.lower(x, g).compile().as_text()
+  assert " dot(" in hlo
+  f(x, g).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    t0 = time.perf_counter()
+    for _ in range(10):
+      out = f(x, g)
+    out.block_until_ready()
+    wall = time.perf_counter() - t0
+  b = profile_breakdown.breakdown(str(tmp_path), hlo, steps=10, wall_s=wall)
+  assert b["fractions"]["matmul"] > 0.6, b
+  assert b["top_ops"][0][1] == "matmul"
