@@ -11,6 +11,13 @@ With --breakdown (default), a few more steps run under `jax.profiler.trace` afte
 and experiments/profile_breakdown.py splits their wall time into matmul, attention,
 norm/elementwise, loss, optimizer, other and host (see its docstring for how ops are classified).
 Tokens/s and MFU come from the untraced steps only.
+
+  python experiments/throughput.py --families=gpt --variants=small --ab=causal_blocks,donate_state
+
+--ab builds each model twice, with a switch on and off, and times both in alternating rounds in
+one process: the `gptjax.layers.PERF` fast paths, and the SETTINGS below (scan over layers,
+rematerialisation, state donation, metrics fetched one step late). It also reports the compiled
+step's buffer total (arguments, unaliased outputs, temporaries) and compile time for each.
 """
 
 import importlib.util
@@ -48,14 +55,25 @@ flags.DEFINE_string("attention_impl", "", "einsum | dot_product (empty: config d
 flags.DEFINE_bool("scan_layers", False, "Scan over layers.")
 flags.DEFINE_list("slow_path", [], "gptjax.layers.PERF switches to turn off (the slow path "
                   "each one replaced), for A/B runs across processes.")
-flags.DEFINE_list("ab", [], "PERF switches to A/B: each model is built with the switch on and "
-                  "off and both are timed in alternating rounds of --steps in this process.")
+flags.DEFINE_list("ab", [], "PERF switches or SETTINGS to A/B: each model is built with the "
+                  "switch on and off and both are timed in alternating rounds of --steps in this "
+                  "process.")
 flags.DEFINE_string("output", "", "Append JSON lines of results to this file.")
 flags.DEFINE_bool("breakdown", True, "Profile a few extra steps and split the step time by op "
                   "class (experiments/profile_breakdown.py).")
 flags.DEFINE_integer("profile_steps", 3, "Steps run under the profiler for --breakdown.")
 flags.DEFINE_string("profile_dir", "", "Keep the profiler traces and the step's HLO text under "
                     "<dir>/<family>_<variant> (default: a temporary dir).")
+
+# Train-step settings --ab can compare besides the PERF switches: gptjax's choice ("on") against
+# the alternative ("off"). Values: config overrides (on, off), or for the loop, how metrics are
+# fetched.
+SETTINGS = {
+    "unrolled_layers": {"model.scan_layers": (False, True)},   # off: scan over layers
+    "no_remat": {"model.remat": ("none", "full")},             # off: rematerialise every layer
+    "donate_state": {"donate": (True, False)},                 # off: the state is not donated
+    "metrics_one_step_late": {"fetch": ("late", "each")},      # off: block on each step's loss
+}
 
 # Named shapes from the performance issue.
 SPECIAL = {"gpt2_124m_t128": ("base", dict(seq_len=128, batch_size=4))}
@@ -101,8 +119,13 @@ def peak_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build(family: str, variant: str):
-  """Config, model config, jitted train step, initial state and two device batches of one model."""
+def build(family: str, variant: str, overrides: dict | None = None):
+  """Config, model config, jitted train step, initial state and two device batches of one model.
+
+  `overrides`: dotted config paths (e.g. "model.scan_layers") and "donate" (default True).
+  """
+  overrides = dict(overrides or {})
+  donate = overrides.pop("donate", True)
   c = load_config(family, variant)
   if FLAGS.batch_size:
     c.data.batch_size = FLAGS.batch_size
@@ -114,6 +137,9 @@ def build(family: str, variant: str):
   c.model.scan_layers = FLAGS.scan_layers
   if FLAGS.attention_impl:
     c.model.attention_impl = FLAGS.attention_impl
+  for path, value in overrides.items():
+    section, key = path.split(".")
+    c[section][key] = value
   cfg = ModelConfig.from_config(c.model)
   target_len = (c.data.target_len or c.data.seq_len) if cfg.family == "encoder_decoder" else 0
   tx = train_step.make_optimizer(c.train)
@@ -121,17 +147,28 @@ def build(family: str, variant: str):
   state, shardings = train_step.create_state(cfg, tx, 0, mesh, c.parallelism, c.data.seq_len,
                                              target_len)
   step = train_step.make_mesh_train_step(models.make_model(cfg), c.objective, tx, 0, 1, mesh,
-                                         shardings)
+                                         shardings, donate=donate)
   rng = np.random.default_rng(0)
   batches = [sharding.global_batch(synthetic_batch(c, rng), mesh) for _ in range(2)]
   return c, cfg, mesh, step, state, batches, target_len
 
 
-def run_steps(step, state, batches, n: int):
-  """(seconds per step, new state) over `n` steps, synchronised once at the end."""
+def run_steps(step, state, batches, n: int, fetch: str = "end"):
+  """(seconds per step, new state) over `n` steps.
+
+  fetch: "end" synchronises once after the last step; "late" fetches each step's loss to the
+  host after the next step is dispatched (as gptjax/train.py does); "each" right after its own.
+  """
   t0 = time.perf_counter()
+  pending = None
   for i in range(n):
     state, m = step(state, batches[i % 2])
+    if fetch == "each":
+      float(m["loss"])
+    elif fetch == "late":
+      if pending is not None:
+        float(pending["loss"])
+      pending = m
   jax.block_until_ready(m["loss"])
   return (time.perf_counter() - t0) / n, state
 
@@ -166,23 +203,46 @@ def measure(family: str, variant: str) -> dict:
 
 
 def compare_switch(family: str, variant: str, switch: str, rounds: int = 5) -> dict:
-  """Step time with one PERF switch on and off, timed in alternating rounds in this process."""
+  """Step time, compile time and XLA's buffer total with a PERF switch or a SETTING on and off.
+
+  Step times come from alternating rounds in this process. Buffers: arguments, outputs not
+  aliased to (donated) arguments, and temporaries of the compiled step.
+  """
   runs = {}
   for on in (True, False):
-    layers.PERF[switch] = on
-    _, _, mesh, step, state, batches, _ = build(family, variant)
+    overrides, fetch = {}, "end"
+    if switch in SETTINGS:
+      for key, values in SETTINGS[switch].items():
+        if key == "fetch":
+          fetch = values[0 if on else 1]
+        else:
+          overrides[key] = values[0 if on else 1]
+    else:
+      layers.PERF[switch] = on
+    _, _, mesh, step, state, batches, _ = build(family, variant, overrides)
     with jax.set_mesh(mesh):
-      _, state = run_steps(step, state, batches, 2)  # compiles with the switch as set now
-    runs[on] = {"mesh": mesh, "step": step, "state": state, "batches": batches, "times": []}
-  layers.PERF[switch] = True
+      t0 = time.perf_counter()
+      compiled = step.lower(state, batches[0]).compile()  # traced with the switch as set now
+      compile_s = time.perf_counter() - t0
+      mem = compiled.memory_analysis()  # arguments + outputs not aliased to them + temporaries
+      buffers = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
+              mem.temp_size_in_bytes)
+      _, state = run_steps(step, state, batches, 2)
+    runs[on] = {"mesh": mesh, "step": step, "state": state, "batches": batches, "times": [],
+                "fetch": fetch, "buffers": buffers, "compile_s": compile_s}
+  if switch in layers.PERF:
+    layers.PERF[switch] = True
   for _ in range(rounds):
     for r in runs.values():
       with jax.set_mesh(r["mesh"]):
-        dt, r["state"] = run_steps(r["step"], r["state"], r["batches"], FLAGS.steps)
+        dt, r["state"] = run_steps(r["step"], r["state"], r["batches"], FLAGS.steps, r["fetch"])
       r["times"].append(dt)
   fast, slow = (float(np.median(runs[on]["times"])) for on in (True, False))
   return {"family": family, "variant": variant, "switch": switch, "on_step_s": fast,
-          "off_step_s": slow, "speedup": slow / fast}
+          "off_step_s": slow, "speedup": slow / fast,
+          "on_buffers_mib": runs[True]["buffers"] / 2 ** 20,
+          "off_buffers_mib": runs[False]["buffers"] / 2 ** 20,
+          "on_compile_s": runs[True]["compile_s"], "off_compile_s": runs[False]["compile_s"]}
 
 
 def profile(step, state, batches, name: str) -> dict:
@@ -210,9 +270,10 @@ def main(argv):
   del argv
   for flag, names in (("slow_path", FLAGS.slow_path), ("ab", FLAGS.ab)):
     for name in names:
-      if name not in layers.PERF:
+      known = list(layers.PERF) + (list(SETTINGS) if flag == "ab" else [])
+      if name not in known:
         raise SystemExit(f"error: --{flag}={name} is not a switch; choose from "
-                         f"{', '.join(layers.PERF)}")
+                         f"{', '.join(known)}")
   for name in FLAGS.slow_path:
     layers.PERF[name] = False
   dt = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
@@ -224,14 +285,17 @@ def main(argv):
   print(f"matmul peak ({n}x{n}): float32 {peak32 / 1e12:.3f} TFLOP/s; {FLAGS.dtype} "
         f"{peak / 1e12:.3f} TFLOP/s")
   if FLAGS.ab:
-    print("| model | switch | on: ms/step | off: ms/step | on is faster by |")
-    print("|---|---|---:|---:|---:|")
+    print("| model | switch | on: ms/step | off: ms/step | on is faster by | buffers MiB on / off | "
+          "compile s on / off |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for family in FLAGS.families:
       for variant in FLAGS.variants:
         for name in FLAGS.ab:
           r = compare_switch(family, variant, name)
           print(f"| {family}:{variant} | {name} | {1000 * r['on_step_s']:.0f} | "
-                f"{1000 * r['off_step_s']:.0f} | {r['speedup']:.3f}x |", flush=True)
+                f"{1000 * r['off_step_s']:.0f} | {r['speedup']:.3f}x | "
+                f"{r['on_buffers_mib']:.0f} / {r['off_buffers_mib']:.0f} | "
+                f"{r['on_compile_s']:.1f} / {r['off_compile_s']:.1f} |", flush=True)
           if FLAGS.output:
             with open(FLAGS.output, "a") as f:
               f.write(json.dumps({"device": device, **r}) + "\n")

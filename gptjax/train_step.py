@@ -135,13 +135,14 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, tx, seed: i
 
 
 def make_mesh_train_step(model, objective: str, tx, seed: int, grad_accum: int, mesh: Mesh,
-                         state_shardings):
-  """`jax.jit` train step with explicit in/out shardings and the state donated."""
+                         state_shardings, donate: bool = True):
+  """`jax.jit` train step with explicit in/out shardings and the state donated (unless not)."""
   loss_fn = objectives.make_loss_fn(objective, model, deterministic=False)
   step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, seed=seed, grad_accum=grad_accum)
   replicated = NamedSharding(mesh, P())
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=(0,) if donate else ())
 
 
 def make_pmap_train_step(model, objective: str, tx, seed: int, grad_accum: int):

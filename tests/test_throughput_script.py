@@ -32,11 +32,16 @@ def test_tiny_gpt_and_t5_rows_with_breakdown(tmp_path):
   assert "| gpt:tiny |" in result.stdout and "matmul%" in result.stdout
 
 
-def test_ab_reports_both_timings_and_rejects_unknown_switch():
-  result = _run("--families=gpt", "--variants=tiny", "--steps=1", "--ab=mha_4d")
+def test_ab_reports_both_timings_and_rejects_unknown_switch(tmp_path):
+  out = tmp_path / "ab.jsonl"
+  result = _run("--families=gpt", "--variants=tiny", "--steps=1", "--ab=mha_4d,donate_state",
+                f"--output={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   line = next(ln for ln in result.stdout.splitlines() if ln.startswith("| gpt:tiny | mha_4d |"))
-  assert line.rstrip().endswith("x |")
+  assert "x |" in line
+  rows = {r["switch"]: r for r in map(json.loads, out.read_text().splitlines())}
+  donated = rows["donate_state"]
+  assert donated["on_buffers_mib"] < donated["off_buffers_mib"]  # the new state reuses the old one's
   bad = _run("--families=gpt", "--variants=tiny", "--ab=no_such_switch")
   assert bad.returncode != 0
   assert "--ab=no_such_switch is not a switch" in bad.stderr.strip().splitlines()[-1]
