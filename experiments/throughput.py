@@ -17,7 +17,9 @@ Tokens/s and MFU come from the untraced steps only.
 --ab builds each model twice, with a switch on and off, and times both in alternating rounds in
 one process: the `gptjax.layers.PERF` fast paths, and the SETTINGS below (scan over layers,
 rematerialisation, state donation, metrics fetched one step late). It also reports the compiled
-step's buffer total (arguments, unaliased outputs, temporaries) and compile time for each.
+step's buffer total (arguments, unaliased outputs, temporaries), compile time and minor page
+faults per timed step for each: both programs share one malloc heap (gptjax/host_memory.py), and
+when one side keeps faulting pages in, the comparison measures the heap, not the switch.
 """
 
 import importlib.util
@@ -53,6 +55,10 @@ flags.DEFINE_integer("seq_len", 0, "Override the config's sequence length (0: ke
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_string("attention_impl", "", "einsum | dot_product (empty: config default).")
 flags.DEFINE_bool("scan_layers", False, "Scan over layers.")
+flags.DEFINE_bool("donate", True, "Donate the train state to the step (off: for a comparison "
+                  "across processes; --ab=donate_state compares in one).")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
+                  "Rematerialisation policy per layer (config.model.remat).")
 flags.DEFINE_list("slow_path", [], "gptjax.layers.PERF switches to turn off (the slow path "
                   "each one replaced), for A/B runs across processes.")
 flags.DEFINE_list("ab", [], "PERF switches or SETTINGS to A/B: each model is built with the "
@@ -122,10 +128,10 @@ def peak_memory_bytes() -> int:
 def build(family: str, variant: str, overrides: dict | None = None):
   """Config, model config, jitted train step, initial state and two device batches of one model.
 
-  `overrides`: dotted config paths (e.g. "model.scan_layers") and "donate" (default True).
+  `overrides`: dotted config paths (e.g. "model.scan_layers") and "donate" (default --donate).
   """
   overrides = dict(overrides or {})
-  donate = overrides.pop("donate", True)
+  donate = overrides.pop("donate", FLAGS.donate)
   c = load_config(family, variant)
   if FLAGS.batch_size:
     c.data.batch_size = FLAGS.batch_size
@@ -135,6 +141,7 @@ def build(family: str, variant: str, overrides: dict | None = None):
   c.model.dropout_rate = 0.0
   c.model.attention_dropout_rate = 0.0
   c.model.scan_layers = FLAGS.scan_layers
+  c.model.remat = FLAGS.remat
   if FLAGS.attention_impl:
     c.model.attention_impl = FLAGS.attention_impl
   for path, value in overrides.items():
@@ -229,20 +236,24 @@ def compare_switch(family: str, variant: str, switch: str, rounds: int = 5) -> d
               mem.temp_size_in_bytes)
       _, state = run_steps(step, state, batches, 2)
     runs[on] = {"mesh": mesh, "step": step, "state": state, "batches": batches, "times": [],
-                "fetch": fetch, "buffers": buffers, "compile_s": compile_s}
+                "fetch": fetch, "buffers": buffers, "compile_s": compile_s, "faults": 0}
   if switch in layers.PERF:
     layers.PERF[switch] = True
   for _ in range(rounds):
     for r in runs.values():
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       with jax.set_mesh(r["mesh"]):
         dt, r["state"] = run_steps(r["step"], r["state"], r["batches"], FLAGS.steps, r["fetch"])
+      r["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
       r["times"].append(dt)
   fast, slow = (float(np.median(runs[on]["times"])) for on in (True, False))
   return {"family": family, "variant": variant, "switch": switch, "on_step_s": fast,
           "off_step_s": slow, "speedup": slow / fast,
           "on_buffers_mib": runs[True]["buffers"] / 2 ** 20,
           "off_buffers_mib": runs[False]["buffers"] / 2 ** 20,
-          "on_compile_s": runs[True]["compile_s"], "off_compile_s": runs[False]["compile_s"]}
+          "on_compile_s": runs[True]["compile_s"], "off_compile_s": runs[False]["compile_s"],
+          **{f"{side}_faults_per_step": runs[on]["faults"] / (rounds * FLAGS.steps)
+             for side, on in (("on", True), ("off", False))}}
 
 
 def profile(step, state, batches, name: str) -> dict:
@@ -286,8 +297,8 @@ def main(argv):
         f"{peak / 1e12:.3f} TFLOP/s")
   if FLAGS.ab:
     print("| model | switch | on: ms/step | off: ms/step | on is faster by | buffers MiB on / off | "
-          "compile s on / off |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          "compile s on / off | page faults/step on / off |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for family in FLAGS.families:
       for variant in FLAGS.variants:
         for name in FLAGS.ab:
@@ -295,7 +306,8 @@ def main(argv):
           print(f"| {family}:{variant} | {name} | {1000 * r['on_step_s']:.0f} | "
                 f"{1000 * r['off_step_s']:.0f} | {r['speedup']:.3f}x | "
                 f"{r['on_buffers_mib']:.0f} / {r['off_buffers_mib']:.0f} | "
-                f"{r['on_compile_s']:.1f} / {r['off_compile_s']:.1f} |", flush=True)
+                f"{r['on_compile_s']:.1f} / {r['off_compile_s']:.1f} | "
+                f"{r['on_faults_per_step']:.0f} / {r['off_faults_per_step']:.0f} |", flush=True)
           if FLAGS.output:
             with open(FLAGS.output, "a") as f:
               f.write(json.dumps({"device": device, **r}) + "\n")

@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype; parameters stay float32
   m.attention_impl = "einsum"
   m.scan_layers = False
-  m.remat = "none"
+  m.remat = "none"  # none, full, dots, dots_no_batch; saves no memory on XLA:CPU (PERFORMANCE.md)
   m.init_std = 0.02
   # heads
   m.mlm_head = False

@@ -194,6 +194,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   unigram = input_pipeline.unigram_loss(config, tokenizer) if config.objective == "next_token" \
       else None
   if is_main:
+    if cfg.remat != "none" and jax.default_backend() == "cpu":
+      print(f"note: config.model.remat={cfg.remat} recomputes each layer but saves no memory on "
+            "XLA:CPU, whose scheduler runs the recomputation early (experiments/PERFORMANCE.md): "
+            "expect a slower step and the same peak memory", flush=True)
     if unigram is not None:
       print(f"unigram baseline: loss {unigram:.3f} (the train split's token entropy, nats); "
             "a model that learned anything beyond token frequencies goes below it", flush=True)
