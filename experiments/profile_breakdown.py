@@ -317,3 +317,27 @@ def header() -> str:
 def format_row(fractions: dict) -> str:
   """Percentages of one breakdown, aligned under `header()`."""
   return " ".join(f"{100 * fractions.get(key, 0.0):>10.1f}" for key, _ in COLUMNS)
+
+
+def plot(rows: list[tuple[str, dict]], path: str, title: str = "") -> None:
+  """Stacked horizontal bars of the step-time fractions, one bar per (label, fractions) row."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.4))
+  colors = plt.get_cmap("tab10").colors
+  labels = [label for label, _ in rows][::-1]
+  left = [0.0] * len(rows)
+  for i, (key, name) in enumerate(COLUMNS):
+    widths = [100 * f.get(key, 0.0) for _, f in rows][::-1]
+    ax.barh(labels, widths, left=left, color=colors[i % len(colors)], label=name.rstrip("%"))
+    left = [a + b for a, b in zip(left, widths)]
+  ax.set_xlim(0, 100)
+  ax.set_xlabel("% of the profiled step's wall time")
+  ax.legend(ncol=len(COLUMNS), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 if
+                                                                              len(rows) < 3 else -0.15))
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

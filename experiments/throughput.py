@@ -67,6 +67,7 @@ flags.DEFINE_list("ab", [], "PERF switches or SETTINGS to A/B: each model is bui
 flags.DEFINE_string("output", "", "Append JSON lines of results to this file.")
 flags.DEFINE_bool("breakdown", True, "Profile a few extra steps and split the step time by op "
                   "class (experiments/profile_breakdown.py).")
+flags.DEFINE_string("plot", "", "With --breakdown: write the breakdown as stacked bars (PNG) here.")
 flags.DEFINE_integer("profile_steps", 3, "Steps run under the profiler for --breakdown.")
 flags.DEFINE_string("profile_dir", "", "Keep the profiler traces and the step's HLO text under "
                     "<dir>/<family>_<variant> (default: a temporary dir).")
@@ -354,6 +355,11 @@ def main(argv):
     for r in rows:
       print(f"{r['family'] + ':' + r['variant']:<22}" +
             profile_breakdown.format_row(r["breakdown"]["fractions"]))
+    if FLAGS.plot:
+      profile_breakdown.plot(
+          [(f"{r['family']}:{r['variant']}\n{100 * r['mfu']:.1f}% MFU", r["breakdown"]["fractions"])
+           for r in rows], FLAGS.plot, f"train-step time on {device}, {FLAGS.dtype}")
+      print(f"wrote {FLAGS.plot}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ def _run(*args, timeout=300):
 
 def test_tiny_gpt_and_t5_rows_with_breakdown(tmp_path):
   out = tmp_path / "tp.jsonl"
+  png = tmp_path / "breakdown.png"
   result = _run("--families=gpt,t5", "--variants=tiny", "--steps=2", "--warmup_steps=1",
-                "--profile_steps=1", f"--output={out}")
+                "--profile_steps=1", f"--output={out}", f"--plot={png}")
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [(r["family"], r["variant"]) for r in rows] == [("gpt", "tiny"), ("t5", "tiny")]
@@ -30,6 +31,7 @@ def test_tiny_gpt_and_t5_rows_with_breakdown(tmp_path):
     assert abs(sum(fractions.values()) - 1.0) < 1e-6
     assert fractions["matmul"] > 0 and fractions["optimizer"] > 0
   assert "| gpt:tiny |" in result.stdout and "matmul%" in result.stdout
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
 def test_ab_reports_both_timings_and_rejects_unknown_switch(tmp_path):
