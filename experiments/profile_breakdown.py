@@ -324,7 +324,7 @@ def plot(rows: list[tuple[str, dict]], path: str, title: str = "") -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.4))
+  fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.4))
   colors = plt.get_cmap("tab10").colors
   labels = [label for label, _ in rows][::-1]
   left = [0.0] * len(rows)
@@ -334,8 +334,7 @@ def plot(rows: list[tuple[str, dict]], path: str, title: str = "") -> None:
     left = [a + b for a, b in zip(left, widths)]
   ax.set_xlim(0, 100)
   ax.set_xlabel("% of the profiled step's wall time")
-  ax.legend(ncol=len(COLUMNS), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 if
-                                                                              len(rows) < 3 else -0.15))
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   if title:
     ax.set_title(title, fontsize=9)
   fig.tight_layout()
