@@ -60,7 +60,8 @@ def traced_matmul_flops(fn, *args, **kwargs) -> float:
   """FLOPs of the dot products that `fn(*args, **kwargs)` traces to (2 per multiply-add).
 
   Walks the jaxpr into nested calls, custom-gradient functions and loops (a scan's body counts
-  `length` times, a conditional its most expensive branch); elementwise work is not counted.
+  `length` times, a while loop's body once, a conditional its most expensive branch);
+  elementwise work is not counted.
   """
   return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
