@@ -15,10 +15,18 @@ the same in causal query blocks, PyTorch's causal scaled_dot_product_attention).
 cross_entropy: the tied vocabulary projection and loss of a gpt:small batch, whole and in
 token chunks, forward+backward.
 qkv: three [2048, 256] x [256, 256] projections against one [256, 768], forward+backward.
+wgrad_layouts: weight-gradient products x^T @ g with the transpose folded into the dot (Eigen)
+and kept as a copy (YNNPACK).
+attention_layouts: gpt:small's causal attention core as gptjax computes it, heads-major, and
+split into independent pieces by batch or heads.
+gelu_backward: one MLP block with jax.nn.gelu, two hand-written GELU backwards, and ReLU.
+log_partition: the loss on gpt:small logits by autodiff and with a backward that recomputes exp.
+remat_memory: compiled temporaries of a 16-layer gradient with and without jax.checkpoint.
 Each figure is the mean of --repeats calls after one warm-up call. PyTorch (a test and benchmark
 dependency, installed by `make install-test`) runs with its default threads.
 """
 
+import math
 import pathlib
 import sys
 import time
@@ -36,7 +44,9 @@ from gptjax import fast_paths  # pylint: disable=g-import-not-at-top
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 20, "Timed calls per measurement.")
 flags.DEFINE_list("benchmarks", ["colsum", "adamw", "matmul_dtypes", "batched_dot", "attention",
-                                 "cross_entropy", "qkv"], "Which micro-benchmarks to run.")
+                                 "cross_entropy", "qkv", "wgrad_layouts", "attention_layouts",
+                                 "gelu_backward", "log_partition", "remat_memory"],
+                  "Which micro-benchmarks to run.")
 
 
 def timed(f, *args) -> float:
@@ -213,9 +223,140 @@ def qkv() -> None:
         f"one {timed(fwd_bwd(fused), x, ws):.2f} ms")
 
 
+def wgrad_layouts() -> None:
+  """Weight-gradient products x^T @ g as XLA folds them (Eigen) and with x^T kept (YNNPACK)."""
+  for t, i, o in [(2048, 256, 256), (2048, 256, 1024), (2048, 1024, 256), (2048, 256, 8192)]:
+    x = jax.random.normal(jax.random.key(0), (t, i))
+    g = jax.random.normal(jax.random.key(1), (t, o))
+    folded = timed(jax.jit(lambda x, g: x.T @ g), x, g)
+    kept = timed(jax.jit(lambda x, g: jax.lax.optimization_barrier(x.T) @ g), x, g)
+    print(f"wgrad [{t}, {i}]^T x [{t}, {o}]: transpose folded (Eigen) {folded:.2f} ms, "
+          f"x^T kept (YNNPACK) {kept:.2f} ms")
+
+
+def attention_layouts() -> None:
+  """ms per fwd+bwd of gpt:small's causal attention core: gptjax's blocks, heads-major, split."""
+  from gptjax import layers, models  # pylint: disable=g-import-not-at-top
+  q, k, v, g = (jax.random.normal(jax.random.key(i), (B, L, H, DH)) for i in range(4))
+  mask = models.build_mask(None, True, L)
+  attend = lambda q, k, v, m: layers.dot_product_attention(q, k, v, m, None, DH ** -0.5, "einsum",
+                                                           causal=True)
+
+  def heads_major(q, k, v, m):  # one [B, H, L, Dh] copy of q, k, v; two causal query blocks
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    c = L // 2
+    outs = []
+    for i in range(2):
+      s = jnp.einsum("bhld,bhsd->bhls", qt[:, :, i * c:(i + 1) * c], kt[:, :, :(i + 1) * c])
+      s = jnp.where(m[:, :, i * c:(i + 1) * c, :(i + 1) * c], s * DH ** -0.5, layers.NEG_INF)
+      p = fast_paths.softmax_last_axis(s)
+      outs.append(jnp.einsum("bhls,bhsd->bhld", p, vt[:, :, :(i + 1) * c]))
+    return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
+
+  def split(n, axis):  # independent pieces the thunk executor could run side by side
+    def f(q, k, v, m):
+      parts = zip(*(jnp.split(x, n, axis=axis) for x in (q, k, v)))
+      return jnp.concatenate([attend(a, b, c, m) for a, b, c in parts], axis=axis)
+    return f
+
+  def fwd_bwd(f):
+    def run(q, k, v):
+      _, vjp = jax.vjp(lambda q, k, v: f(q, k, v, mask), q, k, v)
+      return vjp(g)
+    return jax.jit(run)
+
+  variants = {"gptjax (2 causal blocks)": attend, "heads-major": heads_major,
+              "split by batch in 2": split(2, 0), "split by heads in 2": split(2, 2),
+              "split by heads in 4": split(4, 2)}
+  print("attention layouts fwd+bwd: " + ", ".join(
+      f"{name} {timed(fwd_bwd(f), q, k, v):.2f} ms" for name, f in variants.items()))
+
+
+def gelu_backward() -> None:
+  """ms per fwd+bwd of one gpt:small MLP block with GELU as autodiff, two hand-written, ReLU."""
+  c = math.sqrt(2 / math.pi)
+  inner = lambda z: c * (z + 0.044715 * z ** 3)
+  d_gelu = lambda z, t: 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+
+  def custom(save_tanh):
+    @jax.custom_vjp
+    def gelu(z):
+      return 0.5 * z * (1 + jnp.tanh(inner(z)))
+
+    def fwd(z):
+      t = jnp.tanh(inner(z))
+      return 0.5 * z * (1 + t), (z, t if save_tanh else None)
+
+    def bwd(res, gr):
+      z, t = res
+      return (gr * d_gelu(z, jnp.tanh(inner(z)) if t is None else t),)
+
+    gelu.defvjp(fwd, bwd)
+    return gelu
+
+  h = jax.random.normal(jax.random.key(0), (2048, 256))
+  w1 = 0.06 * jax.random.normal(jax.random.key(1), (256, 1024))
+  w2 = 0.03 * jax.random.normal(jax.random.key(2), (1024, 256))
+  mlp = lambda act: jax.jit(jax.grad(lambda h, w1, w2: jnp.sum((act(h @ w1) @ w2) ** 2),
+                                     argnums=(0, 1, 2)))
+  acts = {"jax.nn.gelu": lambda z: jax.nn.gelu(z, approximate=True),
+          "tanh saved": custom(True), "tanh recomputed": custom(False), "relu": jax.nn.relu}
+  print("MLP fwd+bwd [2048, 256] -> 1024 -> 256: " + ", ".join(
+      f"{name} {timed(mlp(act), h, w1, w2):.2f} ms" for name, act in acts.items()))
+
+
+def log_partition() -> None:
+  """ms per fwd+bwd of the loss alone on gpt:small logits: autodiff against a recompute backward."""
+  from gptjax import objectives  # pylint: disable=g-import-not-at-top
+
+  @jax.custom_vjp
+  def log_z(l):
+    m = jax.lax.stop_gradient(jnp.max(l, axis=-1))
+    return m + jnp.log(jnp.sum(jnp.exp(l - m[..., None]), axis=-1))
+
+  log_z.defvjp(lambda l: (log_z(l), (l, log_z(l))),
+               lambda res, gr: (jnp.exp(res[0] - res[1][..., None]) * gr[..., None],))
+  logits = 3 * jax.random.normal(jax.random.key(0), (16, 128, 8192))
+  targets = jax.random.randint(jax.random.key(1), (16, 128), 0, 8192)
+  weights = jnp.ones((16, 128))
+
+  def recompute(l):
+    target = jnp.take_along_axis(l, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(log_z(l) - target)
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f))
+  autodiff = grad(lambda l: objectives.cross_entropy(l, targets, weights)[0])
+  print(f"loss fwd+bwd [2048 x 8192]: gptjax (autodiff) {timed(autodiff, logits):.2f} ms, "
+        f"exp recomputed in the backward {timed(grad(recompute), logits):.2f} ms")
+
+
+def remat_memory() -> None:
+  """Temporary buffers of a 16-layer gradient without and with jax.checkpoint on this backend."""
+  ws = [0.01 * jnp.ones((512, 512)) for _ in range(16)]
+  x = jnp.ones((4096, 512))
+
+  def temp_mib(remat, prevent_cse=True):
+    layer = lambda w, h: jnp.tanh(h @ w)
+    if remat:
+      layer = jax.checkpoint(layer, prevent_cse=prevent_cse)
+
+    def net(ws, h):
+      for w in ws:
+        h = layer(w, h)
+      return jnp.sum(h)
+    compiled = jax.jit(jax.grad(net)).lower(ws, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+
+  print(f"remat temporaries, 16 layers [4096, 512]: none {temp_mib(False):.0f} MiB, "
+        f"jax.checkpoint {temp_mib(True):.0f} MiB, "
+        f"jax.checkpoint(prevent_cse=False) {temp_mib(True, False):.0f} MiB")
+
+
 BENCHMARKS = {"colsum": colsum, "adamw": adamw, "matmul_dtypes": matmul_dtypes,
               "batched_dot": batched_dot, "attention": attention, "cross_entropy": cross_entropy,
-              "qkv": qkv}
+              "qkv": qkv, "wgrad_layouts": wgrad_layouts, "attention_layouts": attention_layouts,
+              "gelu_backward": gelu_backward, "log_partition": log_partition,
+              "remat_memory": remat_memory}
 
 
 def main(argv):

@@ -270,7 +270,9 @@ def breakdown(log_dir: str, hlo_text: str, steps: int, wall_s: float,
 
   Returns:
     {"fractions": {class: fraction of wall, "host": ...}, "profiled_step_s", "device_busy_s",
-     "concurrency" (op thread time / busy time), "top_ops": [[name, class, ms/step, op_name]]}.
+     "concurrency" (op thread time / busy time), "top_ops": [[name, class, ms/step, op_name]],
+     "top_scopes": [[scope, class, ms/step, instructions per step]]}: a scope is the name stack
+    with layer indices dropped, so one row sums e.g. every layer's backward MLP matmul.
   """
   events = [e for e in load_events(log_dir) if "hlo_op" in e.get("args", {})]
   if any(e["process"].startswith("/device:") for e in events):
@@ -305,8 +307,28 @@ def breakdown(log_dir: str, hlo_text: str, steps: int, wall_s: float,
   fractions["host"] = 1.0 - busy_s / step_s
   top_ops = [[name, classes[name], round(us / 1e3 / steps, 3),
               hlo[name].op_name if name in hlo else ""] for name, us in by_op.most_common(top)]
+  by_scope = collections.Counter()
+  scope_ops = collections.Counter()
+  for name, us in by_op.items():
+    key = (scope_of(hlo[name].op_name if name in hlo else ""), classes[name])
+    by_scope[key] += us
+    scope_ops[key] += 1
+  top_scopes = [[scope, cls, round(us / 1e3 / steps, 3), scope_ops[(scope, cls)]]
+                for (scope, cls), us in by_scope.most_common(top)]
   return {"fractions": fractions, "profiled_step_s": step_s, "device_busy_s": busy_s,
-          "concurrency": thread_us / max(busy_us, 1e-9), "module": module, "top_ops": top_ops}
+          "concurrency": thread_us / max(busy_us, 1e-9), "module": module, "top_ops": top_ops,
+          "top_scopes": top_scopes}
+
+
+def scope_of(op_name: str) -> str:
+  """A JAX name stack without the jit and differentiation prefixes, layer indices as layers_N."""
+  parts = op_name.split("/")[1:]  # drop jit(train_step)
+  if not parts:
+    return "(no metadata)"
+  direction = "bwd " if parts[0].startswith("transpose(") else ""
+  if "jvp(" in parts[0]:
+    parts = parts[1:] or parts
+  return direction + re.sub(r"layers_\d+", "layers_N", "/".join(parts))
 
 
 def header() -> str:

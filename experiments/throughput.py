@@ -67,6 +67,8 @@ flags.DEFINE_list("ab", [], "PERF switches or SETTINGS to A/B: each model is bui
 flags.DEFINE_string("output", "", "Append JSON lines of results to this file.")
 flags.DEFINE_bool("breakdown", True, "Profile a few extra steps and split the step time by op "
                   "class (experiments/profile_breakdown.py).")
+flags.DEFINE_integer("top_scopes", 0, "With --breakdown: list this many of the most expensive "
+                     "name scopes (layer indices merged) per model.")
 flags.DEFINE_string("plot", "", "With --breakdown: write the breakdown as stacked bars (PNG) here.")
 flags.DEFINE_integer("profile_steps", 3, "Steps run under the profiler for --breakdown.")
 flags.DEFINE_string("profile_dir", "", "Keep the profiler traces and the step's HLO text under "
@@ -275,7 +277,7 @@ def profile(step, state, batches, name: str) -> dict:
       wall = time.perf_counter() - t0
     if FLAGS.profile_dir:
       (pathlib.Path(log_dir) / "train_step.hlo.txt").write_text(hlo)
-    return profile_breakdown.breakdown(log_dir, hlo, n, wall)
+    return profile_breakdown.breakdown(log_dir, hlo, n, wall, top=max(10, FLAGS.top_scopes))
 
 
 def main(argv):
@@ -297,8 +299,8 @@ def main(argv):
   print(f"matmul peak ({n}x{n}): float32 {peak32 / 1e12:.3f} TFLOP/s; {FLAGS.dtype} "
         f"{peak / 1e12:.3f} TFLOP/s")
   if FLAGS.ab:
-    print("| model | switch | on: ms/step | off: ms/step | on is faster by | buffers MiB on / off | "
-          "compile s on / off | page faults/step on / off |")
+    print("| model | switch | on: ms/step | off: ms/step | on is faster by | "
+          "buffers MiB on / off | compile s on / off | page faults/step on / off |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for family in FLAGS.families:
       for variant in FLAGS.variants:
@@ -331,6 +333,8 @@ def main(argv):
         b = r["breakdown"]
         print(f"  profiled step {1000 * b['profiled_step_s']:.0f}ms, top ops (ms/step): " +
               ", ".join(f"{op} {cls} {ms:.1f}" for op, cls, ms, _ in b["top_ops"][:4]), flush=True)
+        for scope, cls, ms, n_ops in b["top_scopes"][:FLAGS.top_scopes]:
+          print(f"    {ms:8.2f} ms/step  {cls:<9} {n_ops:3d} ops  {scope}", flush=True)
   peak = max(peaks)
   print(f"\nmatmul peak: {min(peaks) / 1e12:.3f} to {peak / 1e12:.3f} TFLOP/s over the run "
         f"({len(peaks)} measurements); MFU is against {peak / 1e12:.3f}")

@@ -20,7 +20,7 @@ def test_tiny_gpt_and_t5_rows_with_breakdown(tmp_path):
   out = tmp_path / "tp.jsonl"
   png = tmp_path / "breakdown.png"
   result = _run("--families=gpt,t5", "--variants=tiny", "--steps=2", "--warmup_steps=1",
-                "--profile_steps=1", f"--output={out}", f"--plot={png}")
+                "--profile_steps=1", f"--output={out}", f"--plot={png}", "--top_scopes=40")
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [(r["family"], r["variant"]) for r in rows] == [("gpt", "tiny"), ("t5", "tiny")]
@@ -31,6 +31,8 @@ def test_tiny_gpt_and_t5_rows_with_breakdown(tmp_path):
     assert abs(sum(fractions.values()) - 1.0) < 1e-6
     assert fractions["matmul"] > 0 and fractions["optimizer"] > 0
   assert "| gpt:tiny |" in result.stdout and "matmul%" in result.stdout
+  scopes = [ln for ln in result.stdout.splitlines() if " ms/step  " in ln]
+  assert any("bwd decoder/layers_N/mlp/" in ln for ln in scopes), scopes  # layers merged
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
@@ -53,9 +55,10 @@ def test_cpu_microbench_prints_its_figures_and_rejects_unknown_names():
   script = str(REPO / "experiments" / "cpu_microbench.py")
   run = lambda *a: subprocess.run([sys.executable, script, "--repeats=1", *a], cwd=REPO,
                                   capture_output=True, text=True, timeout=300)
-  result = run("--benchmarks=attention,qkv")
+  result = run("--benchmarks=attention,qkv,remat_memory")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "in 2 causal query blocks" in result.stdout and "qkv fwd+bwd" in result.stdout
+  assert "jax.checkpoint(prevent_cse=False)" in result.stdout
   bad = run("--benchmarks=attention,nope")
   assert bad.returncode != 0
   assert "--benchmarks=nope is unknown" in bad.stderr.strip().splitlines()[-1]
