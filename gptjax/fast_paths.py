@@ -27,6 +27,7 @@ PERF = {
     "mha_4d": True,                  # multi-head attention einsums without the size-1 group axis
     "causal_blocks": True,           # causal self-attention skips key blocks above the diagonal
     "clip_as_scale": True,           # gradient clipping as one scalar factor (clip_by_global_norm)
+    "cpu_head_matmul": True,         # attention matmuls through gptjax.cpu_kernels on XLA:CPU
 }
 
 

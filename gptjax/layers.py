@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.cpu_kernels import head_einsum
 from gptjax.fast_paths import PERF, add_bias, flat_matmul, residual_grad_barrier, softmax_last_axis
 
 Array = jax.Array
@@ -341,7 +342,8 @@ def _attend(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array,
     mask = None if mask_Bx1xLxS is None else mask_Bx1xLxS[:, :, None]
     bias = None if bias_1xHxLxS is None else bias_1xHxLxS.reshape(
         bias_1xHxLxS.shape[0], kh, h // kh, *bias_1xHxLxS.shape[2:])
-  s = jnp.einsum(scores_eq, q, k_BxSxKxDh, preferred_element_type=jnp.float32) * scale
+  einsum = head_einsum if PERF["cpu_head_matmul"] else jnp.einsum
+  s = einsum(scores_eq, q, k_BxSxKxDh, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     s = add_bias(s, bias)
   if mask is not None:
@@ -349,7 +351,7 @@ def _attend(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array,
   p = _attention_softmax(s)
   if dropout_fn is not None:
     p = dropout_fn(p)
-  out = jnp.einsum(out_eq, p.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
+  out = einsum(out_eq, p.astype(v_BxSxKxDh.dtype), v_BxSxKxDh)
   return out.reshape(b, l, h, dh)
 
 
