@@ -27,12 +27,15 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 Array = jax.Array
 
-SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "head_matmul.cc"
+CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "gemm.h", CSRC / "head_matmul.cc", CSRC / "attention.cc")
 TARGET = "gptjax_head_matmul"
+ATTENTION_FWD, ATTENTION_BWD = "gptjax_attention_fwd", "gptjax_attention_bwd"
 
 
 def cache_dir() -> pathlib.Path:
@@ -45,25 +48,26 @@ def _compiler() -> Optional[str]:
 
 
 def build_library(verbose: bool = False) -> pathlib.Path:
-  """Compiles head_matmul.cc (once per source, compiler and jaxlib) and returns the .so path."""
+  """Compiles gptjax/csrc (once per source, compiler and jaxlib) and returns the .so path."""
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
   flags = ["-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
-  key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *flags]).encode() +
+  key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join([cxx, *flags]).encode() +
                        importlib.metadata.version("jaxlib").encode()).hexdigest()[:16]
-  out = cache_dir() / f"head_matmul-{key}.so"
+  out = cache_dir() / f"cpu_kernels-{key}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     tmp_so = pathlib.Path(tmp) / out.name
-    cmd = [cxx, *flags, str(SOURCE), "-o", str(tmp_so)]
+    cmd = [cxx, *flags, *(str(f) for f in SOURCES if f.suffix == ".cc"), "-o", str(tmp_so)]
     if verbose:
       print(" ".join(cmd), file=sys.stderr)
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-      raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+      errors = [l for l in result.stderr.splitlines() if "error" in l] or [result.stderr[-500:]]
+      raise RuntimeError(f"compiling {CSRC} failed: {errors[0]}")
     os.replace(tmp_so, out)  # atomic: concurrent builders all end with a whole file
   return out
 
@@ -79,7 +83,9 @@ def available() -> bool:
     logging.warning("gptjax CPU attention kernel unavailable, using jnp.einsum: %s",
                     str(e).splitlines()[0])
     return False
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptjaxHeadMatmul), platform="cpu")
+  for name, symbol in ((TARGET, lib.GptjaxHeadMatmul), (ATTENTION_FWD, lib.GptjaxAttentionFwd),
+                       (ATTENTION_BWD, lib.GptjaxAttentionBwd)):
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
   return True
 
 
@@ -174,6 +180,66 @@ def head_einsum(equation: str, x: Array, y: Array, preferred_element_type=None) 
       jax.default_backend() != "cpu" or not available()):
     return jnp.einsum(equation, x, y, preferred_element_type=preferred_element_type)
   return _head_einsum_kernel(equation, x, y)
+
+
+def fused_attention_applies(q: Array, k: Array, v: Array, mask: Optional[Array]) -> bool:
+  """Whether `fused_attention` runs as the kernel for these operands (else it is the einsum path)."""
+  b, l, h, _ = q.shape
+  shapes_ok = (k.shape == v.shape and k.shape[0] == b and k.shape[2:] == q.shape[2:] and
+               (mask is None or (mask.ndim == 4 and mask.shape[0] in (1, b) and
+                                 mask.shape[1] == 1 and mask.shape[2] in (1, l) and
+                                 mask.shape[3] == k.shape[1])))
+  return (shapes_ok and all(x.dtype == jnp.float32 for x in (q, k, v)) and
+          jax.default_backend() == "cpu" and available())
+
+
+def _attention_fwd_call(q, k, v, mask_i8, scale, causal):
+  b, l, h, _ = q.shape
+  call = jax.ffi.ffi_call(ATTENTION_FWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                          jax.ShapeDtypeStruct((b, h, l, k.shape[1]), jnp.float32)),
+                          vmap_method="sequential")
+  return call(q, k, v, mask_i8, scale=np.float32(scale), causal=causal)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_attention(q, k, v, mask_i8, scale, causal):
+  return _attention_fwd_call(q, k, v, mask_i8, scale, causal)[0]
+
+
+def _fused_fwd(q, k, v, mask_i8, scale, causal):
+  out, probs = _attention_fwd_call(q, k, v, mask_i8, scale, causal)
+  return out, (q, k, v, mask_i8, probs)
+
+
+def _fused_bwd(scale, causal, residuals, g):
+  q, k, v, mask_i8, probs = residuals
+  call = jax.ffi.ffi_call(ATTENTION_BWD, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
+                                               for x in (q, k, v)), vmap_method="sequential")
+  dq, dk, dv = call(q, k, v, mask_i8, probs, g, scale=np.float32(scale), causal=causal)
+  return dq, dk, dv, np.zeros(mask_i8.shape, jax.dtypes.float0)
+
+
+_fused_attention.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_attention(q_BxLxHxDh: Array, k_BxSxHxDh: Array, v_BxSxHxDh: Array,
+                    mask_Bx1xLxS: Optional[Array], scale: float, causal: bool = False) -> Array:
+  """softmax(where(mask, scale * q k^T, -1e9)) v per head, as one kernel per direction.
+
+  Exactly gptjax.layers' einsum attention without bias or dropout, for equal query and key/value
+  heads; call only where `fused_attention_applies`. The probabilities are kept for the backward.
+  `causal` (needs L == S) promises that the mask hides every later key: the kernel then skips
+  the key blocks above the diagonal.
+  """
+  if not available():
+    raise RuntimeError("the gptjax CPU kernels are not built; check fused_attention_applies first")
+  l, s = q_BxLxHxDh.shape[1], k_BxSxHxDh.shape[1]
+  if mask_Bx1xLxS is None:
+    mask = jnp.ones((1, 1, l, s), jnp.int8)
+  else:  # a key-padding mask [B, 1, 1, S] is spread over the queries
+    mask = jnp.broadcast_to(mask_Bx1xLxS, (mask_Bx1xLxS.shape[0], 1, l, s)).astype(jnp.int8)
+  return _fused_attention(q_BxLxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask, float(scale),
+                          bool(causal and l == s))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ PERF = {
     "causal_blocks": True,           # causal self-attention skips key blocks above the diagonal
     "clip_as_scale": True,           # gradient clipping as one scalar factor (clip_by_global_norm)
     "cpu_head_matmul": True,         # attention matmuls through gptjax.cpu_kernels on XLA:CPU
+    "cpu_fused_attention": True,     # attention without bias or dropout as one XLA:CPU kernel
 }
 
 

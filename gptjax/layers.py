@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.cpu_kernels import head_einsum
+from gptjax.cpu_kernels import fused_attention, fused_attention_applies, head_einsum
 from gptjax.fast_paths import PERF, add_bias, flat_matmul, residual_grad_barrier, softmax_last_axis
 
 Array = jax.Array
@@ -283,6 +283,10 @@ def dot_product_attention(q_BxLxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Arra
         q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh,
         bias=None if bias_1xHxLxS is None else bias_1xHxLxS.astype(q_BxLxHxDh.dtype),
         mask=mask_Bx1xLxS, scale=scale)
+  if (PERF["cpu_fused_attention"] and bias_1xHxLxS is None and dropout_fn is None and
+      fused_attention_applies(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS)):
+    return fused_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xLxS, scale,
+                           causal=causal and PERF["causal_blocks"])
   l = q_BxLxHxDh.shape[1]
   blocks = causal_query_blocks(l, k_BxSxKxDh.shape[1])
   if (causal and PERF["causal_blocks"] and dropout_fn is None and blocks > 1 and

@@ -5,9 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import cpu_kernels
+from gptjax import cpu_kernels, layers
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
+# Where a compiler exists the kernels must build: no silent fallback.
+pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler")
+
+
+def test_kernels_build_and_register():
+  assert cpu_kernels.available()
 
 # The attention products and every einsum their gradients turn into.
 EQUATIONS = ["blhd,bshd->bhls", "bhls,bshd->blhd", "bhls,blhd->bshd", "blhd,bhls->bshd",
@@ -74,3 +79,68 @@ def test_other_dtypes_and_grouped_queries_fall_back_to_einsum():
   assert cpu_kernels.TARGET not in hlo
   hlo = jax.jit(lambda a, b: cpu_kernels.head_einsum("blhd,bshd->bhls", a, b)).lower(x, y).as_text()
   assert cpu_kernels.TARGET in hlo
+
+
+def _reference_attention(q, k, v, mask, scale):
+  s = jnp.einsum("blhd,bshd->bhls", q, k) * scale
+  if mask is not None:
+    s = jnp.where(mask, s, layers.NEG_INF)
+  return jnp.einsum("bhls,bshd->blhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def _check_attention(q, k, v, mask, causal):
+  scale = q.shape[-1] ** -0.5
+  got = jax.jit(lambda *a: cpu_kernels.fused_attention(*a, scale, causal=causal))(q, k, v, mask)
+  np.testing.assert_allclose(got, _reference_attention(q, k, v, mask, scale), atol=2e-6)
+
+  def loss(fn, **kw):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask, scale, **kw)))
+  want = jax.grad(loss(_reference_attention), argnums=(0, 1, 2))(q, k, v)
+  got = jax.jit(jax.grad(loss(cpu_kernels.fused_attention, causal=causal),
+                         argnums=(0, 1, 2)))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=5e-6)
+
+
+def _qkv(b, l, s, h, d, seed=0):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=shape), jnp.float32)
+          for shape in ((b, l, h, d), (b, s, h, d), (b, s, h, d))]
+
+
+@pytest.mark.parametrize("b,l,s,h,d", [(2, 37, 29, 3, 13), (2, 64, 128, 4, 64)])
+def test_fused_attention_matches_einsum_attention(b, l, s, h, d):
+  q, k, v = _qkv(b, l, s, h, d)
+  mask = jnp.asarray(np.random.default_rng(1).random((b, 1, l, s)) < 0.7)
+  mask = mask.at[0, 0, 3, :].set(False)  # a query that sees nothing: uniform over all keys
+  _check_attention(q, k, v, mask, causal=False)
+  _check_attention(q, k, v, None, causal=False)
+  _check_attention(q, k, v, mask[:1, :, :1], causal=False)  # key padding [1, 1, 1, S]
+
+
+@pytest.mark.parametrize("l", [37, 96, 128])
+def test_fused_causal_attention_skips_blocks_exactly(l):
+  # Packed documents and padding on top of the causal mask, and queries that see no key at
+  # all (their weights spread over the skipped keys too).
+  q, k, v = _qkv(2, l, l, 2, 32, seed=l)
+  segment = jnp.asarray(np.arange(l) >= l // 3)
+  valid = jnp.asarray(np.random.default_rng(2).random((2, l)) < 0.9)
+  mask = (jnp.tril(jnp.ones((l, l), bool)) & (segment[:, None] == segment[None, :]))[None, None]
+  mask = mask & valid[:, None, None, :]
+  mask = mask.at[0, 0, 5, :].set(False).at[1, 0, l - 3, :].set(False)
+  _check_attention(q, k, v, mask, causal=True)
+
+
+def test_attention_layer_uses_the_fused_kernel_only_where_it_applies():
+  q, k, v = _qkv(2, 64, 64, 4, 16)
+  mask = jnp.tril(jnp.ones((64, 64), bool))[None, None]
+  bias = jnp.zeros((1, 4, 64, 64))
+
+  def lowered(bias=None, dtype=jnp.float32):
+    fn = lambda q, k, v: layers.dot_product_attention(  # noqa: E731
+        q, k, v, mask, bias, 0.25, "einsum", causal=True)
+    return jax.jit(fn).lower(*(x.astype(dtype) for x in (q, k, v))).as_text()
+  assert cpu_kernels.ATTENTION_FWD in lowered()
+  assert cpu_kernels.ATTENTION_FWD not in lowered(bias=bias)  # bias: per-head matmul kernel
+  assert cpu_kernels.TARGET in lowered(bias=bias)
+  assert cpu_kernels.ATTENTION_FWD not in lowered(dtype=jnp.bfloat16)
