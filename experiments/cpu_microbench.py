@@ -8,10 +8,12 @@ adamw: optax's clip + AdamW update, the same with gptjax's clip (fast_paths.clip
 the clipping as one scalar factor), and the update written as one expression per parameter
 (buffers donated in all three), on a parameter list shaped like t5:small's.
 matmul_dtypes: 2048 x 2048 matmuls in float32 and bfloat16 through XLA and through PyTorch.
-batched_dot: gpt:small's attention score matmul ([16, 4] x 128 x 64 x 128) through XLA and
-torch.bmm (run it under `taskset -c 0` too: XLA's figure does not change on one core).
-attention: forward+backward of one gpt:small layer's attention core (gptjax's einsum attention,
-the same in causal query blocks, PyTorch's causal scaled_dot_product_attention).
+batched_dot: gpt:small's attention score matmul ([16, 4] x 128 x 64 x 128) through XLA, through
+gptjax's per-head matmul kernel (gptjax/cpu_kernels.py) and torch.bmm (run it under
+`taskset -c 0` too: XLA's figure does not change on one core).
+attention: forward+backward of one gpt:small layer's causal attention core: XLA einsums, the same
+in causal query blocks, with the per-head matmul kernel, the fused attention kernel without and
+with block skipping, PyTorch's causal scaled_dot_product_attention.
 cross_entropy: the tied vocabulary projection and loss of a gpt:small batch, whole and in
 token chunks, forward+backward.
 qkv: three [2048, 256] x [256, 256] projections against one [256, 768], forward+backward.
@@ -144,42 +146,61 @@ B, H, L, DH = 16, 4, 128, 64  # gpt:small's attention
 
 
 def batched_dot() -> None:
-  """GFLOP/s of the attention score matmul as one batched dot, XLA against torch.bmm."""
+  """GFLOP/s of the attention score matmul: XLA's batched dot, gptjax's kernel, torch.bmm."""
   import torch  # pylint: disable=g-import-not-at-top
+  from gptjax import cpu_kernels  # pylint: disable=g-import-not-at-top
   q, k = (jax.random.normal(jax.random.key(i), (B, H, L, DH)) for i in range(2))
   tq, tk = torch.randn(B, H, L, DH), torch.randn(B, H, L, DH)
   flop = 2 * B * H * L * L * DH
   xla = flop / timed(jax.jit(lambda q, k: jnp.einsum("bhld,bhsd->bhls", q, k)), q, k) / 1e6
+  ql, kl = (x.transpose(0, 2, 1, 3) for x in (q, k))  # gptjax's token-major [B, L, H, Dh]
+  kernel = flop / timed(jax.jit(lambda q, k: cpu_kernels.head_einsum("blhd,bshd->bhls", q, k)),
+                        ql, kl) / 1e6
   pt = flop / timed_torch(lambda: tq @ tk.transpose(-1, -2)) / 1e6
   print(f"batched dot [{B}, {H}] x {L} x {DH} x {L}: XLA {xla:.0f} GFLOP/s, "
-        f"torch.bmm {pt:.0f} GFLOP/s")
+        f"gptjax.cpu_kernels.head_einsum {kernel:.0f} GFLOP/s, torch.bmm {pt:.0f} GFLOP/s")
 
 
 def attention() -> None:
-  """ms per forward+backward of one gpt:small layer's attention core, three ways."""
+  """ms per forward+backward of one gpt:small layer's causal attention core, five ways."""
   import torch  # pylint: disable=g-import-not-at-top
   from gptjax import layers, models  # pylint: disable=g-import-not-at-top
   q, k, v, g = (jax.random.normal(jax.random.key(i), (B, L, H, DH)) for i in range(4))
   mask = models.build_mask(None, True, L)
 
-  def fwd_bwd(causal):
+  def fwd_bwd(**switches):
+    saved = dict(layers.PERF)
+    layers.PERF.update(switches)  # read while tracing, so the jitted function keeps them
     def f(q, k, v):
       attend = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, None, DH ** -0.5,
-                                                            "einsum", causal=causal)
+                                                            "einsum", causal=True)
       out, vjp = jax.vjp(attend, q, k, v)
       return out, vjp(g)
-    return jax.jit(f)
+    try:
+      return timed(jax.jit(f), q, k, v)
+    finally:
+      layers.PERF.update(saved)
 
-  full, blocked = timed(fwd_bwd(False), q, k, v), timed(fwd_bwd(True), q, k, v)
+  xla = dict(cpu_head_matmul=False, cpu_fused_attention=False)
+  rows = {
+      "XLA einsums": fwd_bwd(causal_blocks=False, **xla),
+      f"XLA einsums in {layers.causal_query_blocks(L, L)} causal query blocks":
+          fwd_bwd(causal_blocks=True, **xla),
+      "per-head matmul kernel, query blocks": fwd_bwd(cpu_head_matmul=True,
+                                                      cpu_fused_attention=False),
+      "fused kernel, no block skipping": fwd_bwd(causal_blocks=False, cpu_fused_attention=True),
+      "fused kernel, causal blocks skipped (gptjax's default)": fwd_bwd(),
+  }
   tq, tk, tv = (torch.randn(B, H, L, DH, requires_grad=True) for _ in range(3))
   tg = torch.randn(B, H, L, DH)
 
   def torch_fwd_bwd():
     torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True).backward(tg)
 
-  print(f"attention fwd+bwd [{B}, {L}, {H}, {DH}]: gptjax {full:.2f} ms, in "
-        f"{layers.causal_query_blocks(L, L)} causal query blocks {blocked:.2f} ms, PyTorch SDPA "
-        f"{timed_torch(torch_fwd_bwd):.2f} ms")
+  rows["PyTorch causal SDPA"] = timed_torch(torch_fwd_bwd)
+  print(f"attention fwd+bwd [{B}, {L}, {H}, {DH}], causal:")
+  for name, ms in rows.items():
+    print(f"  {name}: {ms:.2f} ms")
 
 
 def cross_entropy() -> None:

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from conftest import load_config
-from gptjax import fast_paths, flops, models
+from gptjax import cpu_kernels, fast_paths, flops, models
 from gptjax.layers import ModelConfig
 
 
@@ -49,3 +49,19 @@ def test_traced_matmul_flops_counts_scan_bodies_per_iteration():
   once = flops.traced_matmul_flops(lambda x: x @ w, x)
   assert once == 2 * 4 * 8 * 8
   assert flops.traced_matmul_flops(lambda x: jax.lax.scan(body, x, None, length=5)[0], x) == 5 * once
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_traced_matmul_flops_sees_into_the_cpu_kernels(kernels, monkeypatch):
+  """With gptjax's CPU attention kernels on or off, the traced count is the same."""
+  monkeypatch.setitem(fast_paths.PERF, "cpu_fused_attention", kernels)
+  monkeypatch.setitem(fast_paths.PERF, "cpu_head_matmul", kernels)
+  monkeypatch.setitem(fast_paths.PERF, "causal_blocks", False)
+  counted, traced = _counted_and_traced("gpt", 64, 0)
+  assert counted == traced
+  q = jax.numpy.ones((2, 8, 3, 4))
+  for equation, y in (("blhd,bshd->bhls", q), ("bhls,bshd->blhd", jax.numpy.ones((2, 3, 8, 8))),
+                      ("bhls,blhd->bshd", jax.numpy.ones((2, 3, 8, 8)))):
+    args = (y, q) if equation.startswith("bhls") else (q, y)
+    kernel = flops.traced_matmul_flops(lambda a, b: cpu_kernels.head_einsum(equation, a, b), *args)
+    assert kernel == flops.traced_matmul_flops(lambda a, b: jax.numpy.einsum(equation, a, b), *args)
