@@ -1,14 +1,20 @@
-"""Attention's per-head matmuls as a multi-threaded XLA:CPU custom call (gptjax/csrc/head_matmul.cc).
+"""Attention as multi-threaded XLA:CPU custom calls (gptjax/csrc/), for float32 on CPU.
 
 XLA:CPU runs a batched dot such as `blhd,bshd->bhls` on one core, at a third of the rate of its
-2-D matmuls (experiments/PERFORMANCE.md). `head_einsum` computes the same einsum with a small
-C++ kernel that shares the (batch, head) products out over XLA's intra-op threads and reads and
-writes the token-major `[B, L, H, Dh]` and heads-major `[B, H, L, S]` layouts in place.
+2-D matmuls (experiments/PERFORMANCE.md). Two kernels replace it:
 
-The kernel is compiled on first use with the system's C++ compiler into a per-user cache
-(`$GPTJAX_CACHE_DIR`, default `~/.cache/gptjax`), like a PyTorch C++ extension; `make install`
-builds it ahead of time (`python -m gptjax.cpu_kernels`). Where there is no compiler, or for any
-backend other than CPU, or dtypes other than float32, `head_einsum` is `jnp.einsum`.
+- `fused_attention`: scores, mask, softmax and weighted values per (batch, head) in one call,
+  the backward in another, skipping the key blocks above the diagonal for causal attention
+  (csrc/attention.cc); used for attention without bias or dropout.
+- `head_einsum`: one rank-4 per-head einsum (csrc/head_matmul.cc) with the operands read and the
+  result written in place in the token-major `[B, L, H, Dh]` or heads-major `[B, H, L, S]`
+  layout; used where the fused kernel does not apply (bias, dropout).
+
+Both share the (batch, head) products out over XLA's intra-op threads. They are compiled on first
+use with the system's C++ compiler into a per-user cache (`$GPTJAX_CACHE_DIR`, default
+`~/.cache/gptjax`), like a PyTorch C++ extension; `make install` builds them ahead of time
+(`python -m gptjax.cpu_kernels`). Without a compiler, on any other backend, for dtypes other
+than float32, or with GPTJAX_NO_CPU_KERNELS=1, gptjax.layers uses its einsum attention.
 """
 
 from __future__ import annotations

@@ -154,9 +154,33 @@ inline int64_t PackB(View b, int64_t k, int64_t n, std::vector<float>& panel_buf
   return n_pad;
 }
 
+// A transposed view (column i contiguous) copied to rows; the row stride is padded off a
+// multiple of 4 KiB so that the register tile's rows do not share L1 sets.
+inline View PackRows(View a, int64_t m, int64_t k, std::vector<float>& buf) {
+  const int64_t stride = RoundUp(k, 16) + 16;
+  buf.resize(RoundUp(m, 16) * stride);
+  float* dst = buf.data();
+  int64_t m16 = 0, k16 = 0;
+#if defined(__x86_64__)
+  if (HasAvx512()) {
+    m16 = m / 16 * 16;
+    k16 = k / 16 * 16;
+    for (int64_t i = 0; i < m16; i += 16)
+      for (int64_t kk = 0; kk < k16; kk += 16)
+        Transpose16(a.data + kk * a.sk + i, a.sk, dst + i * stride + kk, stride);
+  }
+#endif
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t kk = (i < m16 ? k16 : 0); kk < k; ++kk) dst[i * stride + kk] = a.data[i + kk * a.sk];
+  return View{dst, stride, 1};
+}
+
 // C (m x n, row stride c_si) = A (m x k) @ panel (k x n, packed by PackB).
 inline void GemmPacked(int64_t m, int64_t n, int64_t k, View a, const float* panel,
                        int64_t n_pad, float* c, int64_t c_si) {
+  thread_local std::vector<float> a_rows;
+  // A transposed (one row per column of memory) would stride its loads by a whole row per k.
+  if (a.si == 1 && a.sk > 1 && m > 1 && n > kNr) a = PackRows(a, m, k, a_rows);
   const bool avx512 = HasAvx512();
   for (int64_t j0 = 0; j0 < n; j0 += kNr) {
     const int64_t cols = std::min<int64_t>(kNr, n - j0);
