@@ -6,6 +6,9 @@
 The performance issue sets gptjax against nanoGPT-style eager PyTorch. Quoted figures from another
 machine say little here, and this machine's speed drifts between processes, so both steps run in
 this process, in alternating rounds of --steps steps, and the ratio of their medians is reported.
+PyTorch's OpenMP workers spin after each of its parallel regions and compete with XLA's threads
+for the cores; `OMP_WAIT_POLICY=PASSIVE` stops that (at some cost to PyTorch), or
+`--only=gptjax` / `--only=pytorch` time each alone, in separate processes run alternately.
 
 The PyTorch model is written here in nanoGPT's style with the shape of configs/gpt.py's variant:
 learned positions, pre-LN blocks with biases, tanh-GELU MLP, causal
@@ -36,6 +39,10 @@ from gptjax import flops, models  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 5, "Alternating timed rounds of --steps steps per implementation.")
+flags.DEFINE_enum("only", "both", ["both", "gptjax", "pytorch"],
+                  "Time one implementation only (run the other in a separate process): in one "
+                  "process, PyTorch's OpenMP workers keep spinning after each PyTorch step and "
+                  "take the cores from XLA's threads unless OMP_WAIT_POLICY=PASSIVE is set.")
 
 
 class Block(nn.Module):
@@ -176,12 +183,14 @@ def compare(variant: str) -> dict:
     _, state = throughput.run_steps(jax_step, state, batches, 1 + FLAGS.warmup_steps)
     time_torch(torch_step, FLAGS.warmup_steps)
     for _ in range(FLAGS.rounds):
-      dt, state = throughput.run_steps(jax_step, state, batches, FLAGS.steps)
-      times["gptjax"].append(dt)
-      times["pytorch"].append(time_torch(torch_step, FLAGS.steps))
+      if FLAGS.only != "pytorch":
+        dt, state = throughput.run_steps(jax_step, state, batches, FLAGS.steps)
+        times["gptjax"].append(dt)
+      if FLAGS.only != "gptjax":
+        times["pytorch"].append(time_torch(torch_step, FLAGS.steps))
   b, l = c.data.batch_size, c.data.seq_len
   flop = flops.train_flops_per_example(cfg, l, 0, c.objective) * b
-  med = {k: float(np.median(v)) for k, v in times.items()}
+  med = {k: float(np.median(v)) if v else float("nan") for k, v in times.items()}
   return {"variant": variant, "params": n_jax, "tokens": b * l, "flop": flop, "logit_diff": diff,
           **med}
 
