@@ -40,7 +40,7 @@ Array = jax.Array
 
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "gemm.h", CSRC / "head_matmul.cc", CSRC / "attention.cc")
-TARGET = "gptjax_head_matmul"
+HEAD_MATMUL = "gptjax_head_matmul"
 ATTENTION_FWD, ATTENTION_BWD = "gptjax_attention_fwd", "gptjax_attention_bwd"
 
 
@@ -59,8 +59,9 @@ def build_library(verbose: bool = False) -> pathlib.Path:
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
   flags = ["-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
-  key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join([cxx, *flags]).encode() +
-                       importlib.metadata.version("jaxlib").encode()).hexdigest()[:16]
+  key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) +
+                       " ".join([cxx, *flags, importlib.metadata.version("jaxlib")]).encode())
+  key = key.hexdigest()[:16]
   out = cache_dir() / f"cpu_kernels-{key}.so"
   if out.exists():
     return out
@@ -80,16 +81,16 @@ def build_library(verbose: bool = False) -> pathlib.Path:
 
 @functools.cache
 def available() -> bool:
-  """Whether the kernel is built and registered with XLA:CPU (builds it on first call)."""
+  """Whether the kernels are built and registered with XLA:CPU (builds them on first call)."""
   if os.environ.get("GPTJAX_NO_CPU_KERNELS"):
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(str(build_library()))
   except (RuntimeError, OSError) as e:
-    logging.warning("gptjax CPU attention kernel unavailable, using jnp.einsum: %s",
+    logging.warning("gptjax CPU attention kernels unavailable, using jnp.einsum: %s",
                     str(e).splitlines()[0])
     return False
-  for name, symbol in ((TARGET, lib.GptjaxHeadMatmul), (ATTENTION_FWD, lib.GptjaxAttentionFwd),
+  for name, symbol in ((HEAD_MATMUL, lib.GptjaxHeadMatmul), (ATTENTION_FWD, lib.GptjaxAttentionFwd),
                        (ATTENTION_BWD, lib.GptjaxAttentionBwd)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
   return True
@@ -145,8 +146,8 @@ def _out_shape(equation: str, x: Array, y: Array) -> tuple[int, ...]:
 def _kernel_call(equation: str, x: Array, y: Array) -> Array:
   form = parse_head_einsum(equation)
   a, b = (y, x) if form.swap else (x, y)
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(_out_shape(equation, x, y), jnp.float32),
-                          vmap_method="sequential")
+  out = jax.ShapeDtypeStruct(_out_shape(equation, x, y), jnp.float32)
+  call = jax.ffi.ffi_call(HEAD_MATMUL, out, vmap_method="sequential")
   return call(a, b, a_heads_major=form.a_heads_major, a_trans=form.a_trans,
               b_heads_major=form.b_heads_major, b_trans=form.b_trans,
               c_heads_major=form.c_heads_major)
@@ -189,7 +190,7 @@ def head_einsum(equation: str, x: Array, y: Array, preferred_element_type=None) 
 
 
 def fused_attention_applies(q: Array, k: Array, v: Array, mask: Optional[Array]) -> bool:
-  """Whether `fused_attention` runs as the kernel for these operands (else it is the einsum path)."""
+  """Whether `fused_attention` can run as the kernel for these operands (else: einsum path)."""
   b, l, h, _ = q.shape
   shapes_ok = (k.shape == v.shape and k.shape[0] == b and k.shape[2:] == q.shape[2:] and
                (mask is None or (mask.ndim == 4 and mask.shape[0] in (1, b) and

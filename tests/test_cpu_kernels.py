@@ -72,13 +72,13 @@ def test_other_dtypes_and_grouped_queries_fall_back_to_einsum():
   grouped = "blkgd,bskd->bkgls"  # the grouped-query form of the scores
   hlo = jax.jit(lambda a, b: cpu_kernels.head_einsum(grouped, a, b)).lower(
       x.reshape(2, 8, 2, 2, 8), y[:, :, :2]).as_text()
-  assert cpu_kernels.TARGET not in hlo
+  assert cpu_kernels.HEAD_MATMUL not in hlo
   p = jnp.ones((2, 4, 8, 8), jnp.float32)
   hlo = jax.jit(lambda a, b: cpu_kernels.head_einsum("bhls,bshd->blhd", a, b)).lower(
       p, y[:, :1]).as_text()  # einsum broadcasts the size-1 key axis of the values
-  assert cpu_kernels.TARGET not in hlo
+  assert cpu_kernels.HEAD_MATMUL not in hlo
   hlo = jax.jit(lambda a, b: cpu_kernels.head_einsum("blhd,bshd->bhls", a, b)).lower(x, y).as_text()
-  assert cpu_kernels.TARGET in hlo
+  assert cpu_kernels.HEAD_MATMUL in hlo
 
 
 def _reference_attention(q, k, v, mask, scale):
@@ -142,5 +142,5 @@ def test_attention_layer_uses_the_fused_kernel_only_where_it_applies():
     return jax.jit(fn).lower(*(x.astype(dtype) for x in (q, k, v))).as_text()
   assert cpu_kernels.ATTENTION_FWD in lowered()
   assert cpu_kernels.ATTENTION_FWD not in lowered(bias=bias)  # bias: per-head matmul kernel
-  assert cpu_kernels.TARGET in lowered(bias=bias)
+  assert cpu_kernels.HEAD_MATMUL in lowered(bias=bias)
   assert cpu_kernels.ATTENTION_FWD not in lowered(dtype=jnp.bfloat16)

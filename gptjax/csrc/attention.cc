@@ -45,7 +45,8 @@ __attribute__((target("avx512f,fma"))) void SoftmaxRowAvx512(float* s, const int
   const __m512 neg_inf = _mm512_set1_ps(kNegInf), vscale = _mm512_set1_ps(scale);
   __m512 vmax = neg_inf;
   for (int64_t j = 0; j < n16; j += 16) {
-    const __m512 x = _mm512_mask_mul_ps(neg_inf, MaskBits(mask + j), _mm512_loadu_ps(s + j), vscale);
+    const __m512 x =
+        _mm512_mask_mul_ps(neg_inf, MaskBits(mask + j), _mm512_loadu_ps(s + j), vscale);
     _mm512_storeu_ps(s + j, x);
     vmax = _mm512_max_ps(vmax, x);
   }
@@ -65,7 +66,8 @@ __attribute__((target("avx512f,fma"))) void SoftmaxRowAvx512(float* s, const int
   for (int64_t j = n16; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
   const float inv = 1.0f / sum;
   const __m512 vinv = _mm512_set1_ps(inv);
-  for (int64_t j = 0; j < n16; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), vinv));
+  for (int64_t j = 0; j < n16; j += 16)
+    _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), vinv));
   for (int64_t j = n16; j < n; ++j) s[j] *= inv;
 }
 
@@ -81,7 +83,8 @@ __attribute__((target("avx512f,fma"))) void SoftmaxGradRowAvx512(const float* p,
   for (int64_t j = n16; j < n; ++j) dot += p[j] * g[j];
   const __m512 vd = _mm512_set1_ps(dot), vscale = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < n16; j += 16) {
-    const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(_mm512_loadu_ps(g + j), vd));
+    const __m512 d =
+        _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(_mm512_loadu_ps(g + j), vd));
     _mm512_storeu_ps(g + j, _mm512_maskz_mul_ps(MaskBits(mask + j), d, vscale));
   }
   for (int64_t j = n16; j < n; ++j) g[j] = mask[j] ? p[j] * (g[j] - dot) * scale : 0.0f;

@@ -171,7 +171,8 @@ inline View PackRows(View a, int64_t m, int64_t k, std::vector<float>& buf) {
   }
 #endif
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t kk = (i < m16 ? k16 : 0); kk < k; ++kk) dst[i * stride + kk] = a.data[i + kk * a.sk];
+    for (int64_t kk = (i < m16 ? k16 : 0); kk < k; ++kk)
+      dst[i * stride + kk] = a.data[i + kk * a.sk];
   return View{dst, stride, 1};
 }
 
