@@ -45,7 +45,8 @@ from gptjax import fast_paths  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 20, "Timed calls per measurement.")
-flags.DEFINE_list("benchmarks", ["colsum", "adamw", "matmul_dtypes", "batched_dot", "attention",
+flags.DEFINE_list("benchmarks", ["colsum", "adamw", "matmul_dtypes", "batched_dot",
+                                 "dense_matmuls", "attention",
                                  "cross_entropy", "qkv", "wgrad_layouts", "attention_layouts",
                                  "gelu_backward", "log_partition", "remat_memory"],
                   "Which micro-benchmarks to run.")
@@ -159,6 +160,31 @@ def batched_dot() -> None:
   pt = flop / timed_torch(lambda: tq @ tk.transpose(-1, -2)) / 1e6
   print(f"batched dot [{B}, {H}] x {L} x {DH} x {L}: XLA {xla:.0f} GFLOP/s, "
         f"gptjax.cpu_kernels.head_einsum {kernel:.0f} GFLOP/s, torch.bmm {pt:.0f} GFLOP/s")
+
+
+def dense_matmuls() -> None:
+  """GFLOP/s of gpt:small's Dense products (forward, input and weight gradient) three ways."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from gptjax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  tokens = B * L
+  dot = lambda ca, cb: jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ()))))
+  kernel = lambda at, bt: jax.jit(lambda a, b: cpu_kernels.matmul(a, b, at, bt))
+  print(f"Dense products at {tokens} tokens, GFLOP/s: XLA dot / gptjax.cpu_kernels.matmul / "
+        "torch (MKL)")
+  for d_in, d_out in ((256, 256), (256, 1024), (1024, 256), (256, 8192)):
+    x, g = jax.random.normal(jax.random.key(0), (tokens, d_in)), jnp.ones((tokens, d_out))
+    w = jax.random.normal(jax.random.key(1), (d_in, d_out))
+    tx, tw, tg = torch.randn(tokens, d_in), torch.randn(d_in, d_out), torch.randn(tokens, d_out)
+    cells = []
+    for name, (ca, cb, at, bt, args, torch_fn) in {
+        "x w": (1, 0, False, False, (x, w), lambda: tx @ tw),
+        "g w^T": (1, 1, False, True, (g, w), lambda: tg @ tw.T),
+        "x^T g": (0, 0, True, False, (x, g), lambda: tx.T @ tg)}.items():
+      flop = 2 * tokens * d_in * d_out / 1e6
+      rates = [flop / timed(dot(ca, cb), *args), flop / timed(kernel(at, bt), *args),
+               flop / timed_torch(torch_fn)]
+      cells.append(f"{name} " + " / ".join(f"{r:.0f}" for r in rates))
+    print(f"  [{d_in}, {d_out}]: " + ";  ".join(cells))
 
 
 def attention() -> None:
@@ -374,7 +400,8 @@ def remat_memory() -> None:
 
 
 BENCHMARKS = {"colsum": colsum, "adamw": adamw, "matmul_dtypes": matmul_dtypes,
-              "batched_dot": batched_dot, "attention": attention, "cross_entropy": cross_entropy,
+              "batched_dot": batched_dot, "dense_matmuls": dense_matmuls, "attention": attention,
+              "cross_entropy": cross_entropy,
               "qkv": qkv, "wgrad_layouts": wgrad_layouts, "attention_layouts": attention_layouts,
               "gelu_backward": gelu_backward, "log_partition": log_partition,
               "remat_memory": remat_memory}
