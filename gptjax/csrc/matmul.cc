@@ -22,8 +22,8 @@ using gptjax::View;
 
 constexpr int kRows = 12;             // register tile rows
 constexpr int kCols = 32;             // register tile columns (two 16-float vectors)
-constexpr int64_t kBlock = 256;       // depth of a packed block (K)
-constexpr int64_t kChunkPanels = 16;  // A panels packed at a time (kChunkPanels * 12 rows)
+constexpr int64_t kBlock = 768;       // depth of a packed block (K)
+constexpr int64_t kChunkPanels = 24;  // A panels packed at a time (kChunkPanels * 12 rows)
 constexpr int64_t kChunkStrips = 16;  // B strips packed at a time (kChunkStrips * 32 columns)
 
 #if defined(__x86_64__)
@@ -126,32 +126,57 @@ float* Aligned(std::vector<float>& buf, int64_t floats) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
 }
 
-// C[rows, cols] of one unit of work: B is packed kBlock x kChunkCols at a time (kept in L2),
-// A kBlock x kChunkRows at a time, then each strip of B meets every panel of A in the tile.
+// One packed chunk of A (panels q0..q1) against one of B (strips s0..s1), depth d from p0.
+void MultiplyChunks(int64_t m, int64_t n, const float* a_packed, int64_t q0, int64_t q1,
+                    const float* b_packed, int64_t s0, int64_t s1, int64_t d, bool accumulate,
+                    float* c) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const float* strip = b_packed + (s - s0) * kCols * d;
+    const int64_t cols = std::min<int64_t>(kCols, n - s * kCols);
+    for (int64_t q = q0; q < q1; ++q)
+      Tile(d, a_packed + (q - q0) * kRows * d, strip, c + q * kRows * n + s * kCols, n,
+           accumulate, static_cast<int>(std::min<int64_t>(kRows, m - q * kRows)), cols);
+  }
+}
+
+// C[rows, cols] of one unit of work, kBlock deep at a time. Chunks of A (kChunkPanels panels)
+// and B (kChunkStrips strips) are packed to stay in L2 together; whichever operand would be
+// packed again more often goes in the outer loop, so that it is packed only once.
 void MatmulUnit(int64_t m, int64_t n, int64_t k, View a, View b, float* c, int64_t panel0,
                 int64_t panel1, int64_t strip0, int64_t strip1) {
   thread_local std::vector<float> a_buf, b_buf;
   float* a_packed = Aligned(a_buf, kChunkPanels * kRows * kBlock);
   float* b_packed = Aligned(b_buf, kChunkStrips * kCols * kBlock);
-  for (int64_t s0 = strip0; s0 < strip1; s0 += kChunkStrips) {
-    const int64_t s1 = std::min(strip1, s0 + kChunkStrips);
+  const int64_t a_size = (panel1 - panel0) * kRows, b_size = (strip1 - strip0) * kCols;
+  const int64_t a_chunks = (panel1 - panel0 + kChunkPanels - 1) / kChunkPanels;
+  const int64_t b_chunks = (strip1 - strip0 + kChunkStrips - 1) / kChunkStrips;
+  const bool a_outer = a_size + a_chunks * b_size <= b_size + b_chunks * a_size;
+  auto pack_a = [&](int64_t q0, int64_t q1, int64_t p0, int64_t d) {
+    for (int64_t q = q0; q < q1; ++q)
+      PackPanel(a, q * kRows, static_cast<int>(std::min<int64_t>(kRows, m - q * kRows)), p0, d,
+                a_packed + (q - q0) * kRows * d);
+  };
+  auto pack_b = [&](int64_t s0, int64_t s1, int64_t p0, int64_t d) {
+    for (int64_t s = s0; s < s1; ++s)
+      PackStrip(b, p0, d, s * kCols, std::min<int64_t>(kCols, n - s * kCols),
+                b_packed + (s - s0) * kCols * d);
+  };
+  const int64_t outer0 = a_outer ? panel0 : strip0, outer1 = a_outer ? panel1 : strip1;
+  const int64_t inner0 = a_outer ? strip0 : panel0, inner1 = a_outer ? strip1 : panel1;
+  const int64_t outer_step = a_outer ? kChunkPanels : kChunkStrips;
+  const int64_t inner_step = a_outer ? kChunkStrips : kChunkPanels;
+  for (int64_t o0 = outer0; o0 < outer1; o0 += outer_step) {
+    const int64_t o1 = std::min(outer1, o0 + outer_step);
     for (int64_t p0 = 0; p0 < k; p0 += kBlock) {
       const int64_t d = std::min(kBlock, k - p0);
-      for (int64_t s = s0; s < s1; ++s)
-        PackStrip(b, p0, d, s * kCols, std::min<int64_t>(kCols, n - s * kCols),
-                  b_packed + (s - s0) * kCols * d);
-      for (int64_t q0 = panel0; q0 < panel1; q0 += kChunkPanels) {
-        const int64_t q1 = std::min(panel1, q0 + kChunkPanels);
-        for (int64_t q = q0; q < q1; ++q)
-          PackPanel(a, q * kRows, static_cast<int>(std::min<int64_t>(kRows, m - q * kRows)), p0,
-                    d, a_packed + (q - q0) * kRows * d);
-        for (int64_t s = s0; s < s1; ++s) {
-          const float* strip = b_packed + (s - s0) * kCols * d;
-          const int64_t cols = std::min<int64_t>(kCols, n - s * kCols);
-          for (int64_t q = q0; q < q1; ++q)
-            Tile(d, a_packed + (q - q0) * kRows * d, strip, c + q * kRows * n + s * kCols, n,
-                 p0 > 0, static_cast<int>(std::min<int64_t>(kRows, m - q * kRows)), cols);
-        }
+      a_outer ? pack_a(o0, o1, p0, d) : pack_b(o0, o1, p0, d);
+      for (int64_t i0 = inner0; i0 < inner1; i0 += inner_step) {
+        const int64_t i1 = std::min(inner1, i0 + inner_step);
+        a_outer ? pack_b(i0, i1, p0, d) : pack_a(i0, i1, p0, d);
+        if (a_outer)
+          MultiplyChunks(m, n, a_packed, o0, o1, b_packed, i0, i1, d, p0 > 0, c);
+        else
+          MultiplyChunks(m, n, a_packed, i0, i1, b_packed, o0, o1, d, p0 > 0, c);
       }
     }
   }
