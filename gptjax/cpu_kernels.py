@@ -1,4 +1,4 @@
-"""Attention and matmuls as multi-threaded XLA:CPU custom calls (gptjax/csrc/), float32 on CPU.
+"""Attention as multi-threaded XLA:CPU custom calls (gptjax/csrc/), for float32 on CPU.
 
 XLA:CPU runs a batched dot such as `blhd,bshd->bhls` on one core, at a third of the rate of its
 2-D matmuls (experiments/PERFORMANCE.md). Two kernels replace it:
@@ -10,13 +10,11 @@ XLA:CPU runs a batched dot such as `blhd,bshd->bhls` on one core, at a third of 
   result written in place in the token-major `[B, L, H, Dh]` or heads-major `[B, H, L, S]`
   layout; used where the fused kernel does not apply (bias, dropout).
 
-Both share the (batch, head) products out over XLA's intra-op threads. A third, `matmul`
-(csrc/matmul.cc, AVX-512 CPUs only), runs the Dense layers' 2-D products and their gradients
-with the operands read in place. All are compiled on first use with the system's C++ compiler
-into a per-user cache (`$GPTJAX_CACHE_DIR`, default `~/.cache/gptjax`), like a PyTorch C++
-extension; `make install` builds them ahead of time (`python -m gptjax.cpu_kernels`). Without a compiler, on any other backend, for dtypes other
-than float32, or with GPTJAX_NO_CPU_KERNELS=1, gptjax.layers uses its einsum attention and
-XLA's dots.
+Both share the (batch, head) products out over XLA's intra-op threads. They are compiled on first
+use with the system's C++ compiler into a per-user cache (`$GPTJAX_CACHE_DIR`, default
+`~/.cache/gptjax`), like a PyTorch C++ extension; `make install` builds them ahead of time
+(`python -m gptjax.cpu_kernels`). Without a compiler, on any other backend, for dtypes other
+than float32, or with GPTJAX_NO_CPU_KERNELS=1, gptjax.layers uses its einsum attention.
 """
 
 from __future__ import annotations
@@ -41,8 +39,8 @@ from absl import logging
 Array = jax.Array
 
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "gemm.h", CSRC / "head_matmul.cc", CSRC / "attention.cc", CSRC / "matmul.cc")
-HEAD_MATMUL, MATMUL = "gptjax_head_matmul", "gptjax_matmul"
+SOURCES = (CSRC / "gemm.h", CSRC / "head_matmul.cc", CSRC / "attention.cc")
+HEAD_MATMUL = "gptjax_head_matmul"
 ATTENTION_FWD, ATTENTION_BWD = "gptjax_attention_fwd", "gptjax_attention_bwd"
 
 
@@ -82,33 +80,20 @@ def build_library(verbose: bool = False) -> pathlib.Path:
 
 
 @functools.cache
-def _library() -> Optional[ctypes.CDLL]:
-  """The kernels, built and registered with XLA:CPU (on first call); None where unavailable."""
+def available() -> bool:
+  """Whether the kernels are built and registered with XLA:CPU (builds them on first call)."""
   if os.environ.get("GPTJAX_NO_CPU_KERNELS"):
-    return None
+    return False
   try:
     lib = ctypes.cdll.LoadLibrary(str(build_library()))
   except (RuntimeError, OSError) as e:
-    logging.warning("gptjax CPU kernels unavailable, using XLA's dots: %s",
+    logging.warning("gptjax CPU attention kernels unavailable, using jnp.einsum: %s",
                     str(e).splitlines()[0])
-    return None
+    return False
   for name, symbol in ((HEAD_MATMUL, lib.GptjaxHeadMatmul), (ATTENTION_FWD, lib.GptjaxAttentionFwd),
-                       (ATTENTION_BWD, lib.GptjaxAttentionBwd), (MATMUL, lib.GptjaxMatmul)):
+                       (ATTENTION_BWD, lib.GptjaxAttentionBwd)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
-  lib.GptjaxMatmulSupported.restype = ctypes.c_bool
-  return lib
-
-
-def available() -> bool:
-  """Whether the kernels are built and registered with XLA:CPU (builds them on first call)."""
-  return _library() is not None
-
-
-@functools.cache
-def matmul_available() -> bool:
-  """Whether `matmul`'s kernel runs here: the kernels are available and the CPU has AVX-512."""
-  lib = _library()
-  return lib is not None and bool(lib.GptjaxMatmulSupported())
+  return True
 
 
 class HeadProduct(NamedTuple):
@@ -262,63 +247,6 @@ def fused_attention(q_BxLxHxDh: Array, k_BxSxHxDh: Array, v_BxSxHxDh: Array,
     mask = jnp.broadcast_to(mask_Bx1xLxS, (mask_Bx1xLxS.shape[0], 1, l, s)).astype(jnp.int8)
   return _fused_attention(q_BxLxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask, float(scale),
                           bool(causal and l == s))
-
-
-# Below this size XLA's own dot (or matrix-vector product) wins over packing for the kernel.
-MATMUL_MIN_ROWS, MATMUL_MIN_COLS, MATMUL_MIN_DEPTH = 32, 32, 16
-
-
-def _dims(a: Array, b: Array, a_trans: bool, b_trans: bool) -> tuple[int, int, int]:
-  m, k = a.shape[::-1] if a_trans else a.shape
-  n = b.shape[0] if b_trans else b.shape[1]
-  return m, n, k
-
-
-def matmul_applies(a: Array, b: Array, a_trans: bool = False, b_trans: bool = False) -> bool:
-  """Whether `matmul` runs these operands through the kernel (else through XLA's dot)."""
-  m, n, k = _dims(a, b, a_trans, b_trans)
-  return (m >= MATMUL_MIN_ROWS and n >= MATMUL_MIN_COLS and k >= MATMUL_MIN_DEPTH and
-          a.dtype == b.dtype == jnp.float32 and jax.default_backend() == "cpu" and
-          matmul_available())
-
-
-def _matmul_any(a: Array, b: Array, a_trans: bool, b_trans: bool) -> Array:
-  if matmul_applies(a, b, a_trans, b_trans):
-    return _matmul_kernel(a, b, a_trans, b_trans)
-  contract = (((0,) if a_trans else (1,)), ((1,) if b_trans else (0,)))
-  return jax.lax.dot_general(a, b, (contract, ((), ())))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul_kernel(a: Array, b: Array, a_trans: bool, b_trans: bool) -> Array:
-  call = jax.ffi.ffi_call(MATMUL, jax.ShapeDtypeStruct(_dims(a, b, a_trans, b_trans)[:2],
-                                                       jnp.float32), vmap_method="sequential")
-  return call(a, b, a_trans=a_trans, b_trans=b_trans)
-
-
-def _matmul_fwd(a, b, a_trans, b_trans):
-  return _matmul_kernel(a, b, a_trans, b_trans), (a, b)
-
-
-def _matmul_bwd(a_trans, b_trans, residuals, g):
-  a, b = residuals
-  # C = op(A) op(B): d op(A) = G op(B)^T and d op(B) = op(A)^T G, transposed back where op is.
-  da = _matmul_any(b, g, b_trans, True) if a_trans else _matmul_any(g, b, False, not b_trans)
-  db = _matmul_any(g, a, True, a_trans) if b_trans else _matmul_any(a, g, not a_trans, False)
-  return da, db
-
-
-_matmul_kernel.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def matmul(a: Array, b: Array, a_trans: bool = False, b_trans: bool = False) -> Array:
-  """op(a) @ op(b) for 2-D arrays, op transposing where asked, through the CPU kernel.
-
-  The kernel (csrc/matmul.cc) runs float32 products of at least MATMUL_MIN_* on CPUs with
-  AVX-512, reading transposed operands in place; the gradients go through it as well. Anything
-  else is `lax.dot_general` with the same contraction.
-  """
-  return _matmul_any(a, b, a_trans, b_trans)
 
 
 if __name__ == "__main__":

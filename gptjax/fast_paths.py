@@ -14,8 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax import cpu_kernels
-
 Array = jax.Array
 
 # Performance switches, read at trace time, for A/B measurements (experiments/PERFORMANCE.md).
@@ -31,7 +29,6 @@ PERF = {
     "clip_as_scale": True,           # gradient clipping as one scalar factor (clip_by_global_norm)
     "cpu_head_matmul": True,         # attention matmuls through gptjax.cpu_kernels on XLA:CPU
     "cpu_fused_attention": True,     # attention without bias or dropout as one XLA:CPU kernel
-    "cpu_matmul": True,              # Dense and output-layer matmuls through the XLA:CPU kernel
 }
 
 
@@ -117,19 +114,8 @@ def flat_matmul(x: Array, kernel: Array, n_in: int) -> Array:
   in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
   lead = x.shape[:x.ndim - n_in]
   k = math.prod(in_shape)
-  y = matmul_2d(x.reshape(-1, k), kernel.reshape(k, -1))
+  y = jnp.dot(x.reshape(-1, k), kernel.reshape(k, -1))
   return y.reshape(lead + out_shape)
-
-
-def matmul_2d(a: Array, b: Array, b_trans: bool = False) -> Array:
-  """a @ b (a @ b^T with `b_trans`), through gptjax.cpu_kernels.matmul where it applies.
-
-  On XLA:CPU with AVX-512 the kernel runs a Dense layer's products 10 to 30% faster than XLA's
-  dot (experiments/PERFORMANCE.md) and reads the transposed operands of the gradients in place.
-  """
-  if PERF["cpu_matmul"] and cpu_kernels.matmul_applies(a, b, b_trans=b_trans):
-    return cpu_kernels.matmul(a, b, b_trans=b_trans)
-  return jnp.dot(a, b.T if b_trans else b)
 
 
 @jax.custom_vjp

@@ -94,9 +94,6 @@ def _kernel_matmul_flops(eqn) -> float:
     a, out = shapes[0], eqn.outvars[0].aval.shape
     rows = a[2] if attrs["a_heads_major"] else a[1]  # A's matrix is (rows, a[3]) in memory
     return 2.0 * math.prod(out) * (rows if attrs["a_trans"] else a[3])
-  if target == "gptjax_matmul":  # op(A) @ op(B), rank 2
-    a, out = shapes[0], eqn.outvars[0].aval.shape
-    return 2.0 * math.prod(out) * (a[0] if attrs["a_trans"] else a[1])
   if target in ("gptjax_attention_fwd", "gptjax_attention_bwd"):  # q [B, L, H, D], k [B, S, H, D]
     (b, l, h, d), s = shapes[0], shapes[1][1]
     if attrs.get("causal"):  # key blocks above the diagonal are skipped (csrc/attention.cc)

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.cpu_kernels import fused_attention, fused_attention_applies, head_einsum
-from gptjax.fast_paths import (PERF, add_bias, flat_matmul, matmul_2d, residual_grad_barrier,
-                               softmax_last_axis)
+from gptjax.fast_paths import PERF, add_bias, flat_matmul, residual_grad_barrier, softmax_last_axis
 
 Array = jax.Array
 NEG_INF = -1e9  # large enough to zero a softmax term in float32, small enough for bfloat16 inputs
@@ -125,10 +124,6 @@ class Embed(nn.Module):
 
   def attend(self, x_BxLxD: Array) -> Array:
     """Logits against the embedding table: x @ E^T."""
-    if PERF["attend_transposed"] and PERF["cpu_matmul"]:
-      x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).astype(self.dtype)
-      logits_NxV = matmul_2d(x_NxD, self.embedding.astype(self.dtype), b_trans=True)
-      return logits_NxV.reshape(x_BxLxD.shape[:-1] + (self.num_embeddings,))
     if PERF["attend_transposed"]:
       # The table's gradient is then x^T @ dlogits, [D, V], transposed once: a copy of D x V
       # floats instead of XLA:CPU's transposed copy of the [tokens, V] logits gradient.

@@ -39,9 +39,11 @@ inline bool HasAvx512() {
   return has;
 }
 
-// Transposes a 16 x 16 block held in registers: r[t] lane u <- r[u] lane t.
-__attribute__((target("avx512f"))) inline void Transpose16Regs(__m512 r[16]) {
-  __m512 t[16];
+// dst[t * dst_stride + u] = src[u * src_stride + t] for a 16 x 16 block.
+__attribute__((target("avx512f"))) inline void Transpose16(const float* src, int64_t src_stride,
+                                                           float* dst, int64_t dst_stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -65,14 +67,6 @@ __attribute__((target("avx512f"))) inline void Transpose16Regs(__m512 r[16]) {
     r[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
     r[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd);
   }
-}
-
-// dst[t * dst_stride + u] = src[u * src_stride + t] for a 16 x 16 block.
-__attribute__((target("avx512f"))) inline void Transpose16(const float* src, int64_t src_stride,
-                                                           float* dst, int64_t dst_stride) {
-  __m512 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
-  Transpose16Regs(r);
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * dst_stride, r[i]);
 }
 
