@@ -186,18 +186,23 @@ def run_steps(step, state, batches, n: int, fetch: str = "end"):
   return (time.perf_counter() - t0) / n, state
 
 
-def warm_up_heap(step, state, batches, faults_per_step_done: int = 1000):
+def run_steps_counting_faults(step, state, batches, n: int, fetch: str = "end"):
+  """(seconds per step, minor page faults per step, new state) over `n` steps."""
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  dt, state = run_steps(step, state, batches, n, fetch)
+  return dt, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n, state
+
+
+def warm_up_heap(step, state, batches, fetch: str = "end", faults_per_step_done: int = 1000):
   """Untimed rounds of --steps steps until one faults in fewer pages per step than the limit.
 
   Steps dispatched without waiting overlap, so the timed rounds keep two or more steps' buffers
   alive at once: for gpt:base at T=1024 the heap grows from 9.5 to about 17 GB over the first
-  such round, at 650,000 page faults per step, which would be timed as part of the step.
-  Returns (state, rounds run).
+  such round, at 650,000 page faults per step, which would be timed as part of the step
+  (`--max_warmup_rounds=0` shows it). Returns (state, rounds run).
   """
   for rounds in range(FLAGS.max_warmup_rounds):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    _, state = run_steps(step, state, batches, FLAGS.steps)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / FLAGS.steps
+    _, faults, state = run_steps_counting_faults(step, state, batches, FLAGS.steps, fetch)
     if faults < faults_per_step_done:
       return state, rounds + 1
   return state, FLAGS.max_warmup_rounds
@@ -214,9 +219,7 @@ def measure(family: str, variant: str) -> dict:
     # warm-up: the first steps also grow the heap to its working size (gptjax/host_memory.py)
     _, state = run_steps(step, state, batches, FLAGS.warmup_steps)
     state, warmup_rounds = warm_up_heap(step, state, batches)
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    dt, state = run_steps(step, state, batches, FLAGS.steps)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / FLAGS.steps
+    dt, faults, state = run_steps_counting_faults(step, state, batches, FLAGS.steps)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
     breakdown = profile(step, state, batches, f"{family}_{variant}") if FLAGS.breakdown else None
   b, l = c.data.batch_size, c.data.seq_len
@@ -260,16 +263,17 @@ def compare_switch(family: str, variant: str, switch: str, rounds: int = 5) -> d
       buffers = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
               mem.temp_size_in_bytes)
       _, state = run_steps(step, state, batches, 2)
+      state, _ = warm_up_heap(step, state, batches, fetch)
     runs[on] = {"mesh": mesh, "step": step, "state": state, "batches": batches, "times": [],
                 "fetch": fetch, "buffers": buffers, "compile_s": compile_s, "faults": 0}
   if switch in layers.PERF:
     layers.PERF[switch] = True
   for _ in range(rounds):
     for r in runs.values():
-      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       with jax.set_mesh(r["mesh"]):
-        dt, r["state"] = run_steps(r["step"], r["state"], r["batches"], FLAGS.steps, r["fetch"])
-      r["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        dt, faults, r["state"] = run_steps_counting_faults(r["step"], r["state"], r["batches"],
+                                                           FLAGS.steps, r["fetch"])
+      r["faults"] += faults
       r["times"].append(dt)
   fast, slow = (float(np.median(runs[on]["times"])) for on in (True, False))
   return {"family": family, "variant": variant, "switch": switch, "on_step_s": fast,
@@ -277,7 +281,7 @@ def compare_switch(family: str, variant: str, switch: str, rounds: int = 5) -> d
           "on_buffers_mib": runs[True]["buffers"] / 2 ** 20,
           "off_buffers_mib": runs[False]["buffers"] / 2 ** 20,
           "on_compile_s": runs[True]["compile_s"], "off_compile_s": runs[False]["compile_s"],
-          **{f"{side}_faults_per_step": runs[on]["faults"] / (rounds * FLAGS.steps)
+          **{f"{side}_faults_per_step": runs[on]["faults"] / rounds
              for side, on in (("on", True), ("off", False))}}
 
 
