@@ -1,7 +1,8 @@
-"""Attention as multi-threaded XLA:CPU custom calls (gptjax/csrc/), for float32 on CPU.
+"""Attention and norms as multi-threaded XLA:CPU custom calls (gptjax/csrc/), for float32 on CPU.
 
 XLA:CPU runs a batched dot such as `blhd,bshd->bhls` on one core, at a third of the rate of its
-2-D matmuls (experiments/PERFORMANCE.md). Two kernels replace it:
+2-D matmuls, and a LayerNorm as five to eight separate fusions per direction
+(experiments/PERFORMANCE.md). Three kernels replace them:
 
 - `fused_attention`: scores, mask, softmax and weighted values per (batch, head) in one call,
   the backward in another, skipping the key blocks above the diagonal for causal attention
@@ -9,12 +10,14 @@ XLA:CPU runs a batched dot such as `blhd,bshd->bhls` on one core, at a third of 
 - `head_einsum`: one rank-4 per-head einsum (csrc/head_matmul.cc) with the operands read and the
   result written in place in the token-major `[B, L, H, Dh]` or heads-major `[B, H, L, S]`
   layout; used where the fused kernel does not apply (bias, dropout).
+- `norm`: LayerNorm or RMSNorm over the last axis, one pass over the rows per direction
+  (csrc/norm.cc).
 
-Both share the (batch, head) products out over XLA's intra-op threads. They are compiled on first
+All share their work out over XLA's intra-op threads. They are compiled on first
 use with the system's C++ compiler into a per-user cache (`$GPTJAX_CACHE_DIR`, default
 `~/.cache/gptjax`), like a PyTorch C++ extension; `make install` builds them ahead of time
 (`python -m gptjax.cpu_kernels`). Without a compiler, on any other backend, for dtypes other
-than float32, or with GPTJAX_NO_CPU_KERNELS=1, gptjax.layers uses its einsum attention.
+than float32, or with GPTJAX_NO_CPU_KERNELS=1, gptjax.layers uses its jnp formulations.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ from absl import logging
 Array = jax.Array
 
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "gemm.h", CSRC / "head_matmul.cc", CSRC / "attention.cc")
+SOURCES = (CSRC / "gemm.h", CSRC / "head_matmul.cc", CSRC / "attention.cc", CSRC / "norm.cc")
 HEAD_MATMUL = "gptjax_head_matmul"
 ATTENTION_FWD, ATTENTION_BWD = "gptjax_attention_fwd", "gptjax_attention_bwd"
+NORM_FWD, NORM_BWD = "gptjax_norm_fwd", "gptjax_norm_bwd"
 
 
 def cache_dir() -> pathlib.Path:
@@ -87,11 +91,12 @@ def available() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(str(build_library()))
   except (RuntimeError, OSError) as e:
-    logging.warning("gptjax CPU attention kernels unavailable, using jnp.einsum: %s",
+    logging.warning("gptjax CPU kernels unavailable, using the jnp formulations: %s",
                     str(e).splitlines()[0])
     return False
   for name, symbol in ((HEAD_MATMUL, lib.GptjaxHeadMatmul), (ATTENTION_FWD, lib.GptjaxAttentionFwd),
-                       (ATTENTION_BWD, lib.GptjaxAttentionBwd)):
+                       (ATTENTION_BWD, lib.GptjaxAttentionBwd), (NORM_FWD, lib.GptjaxNormFwd),
+                       (NORM_BWD, lib.GptjaxNormBwd)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
   return True
 
@@ -247,6 +252,60 @@ def fused_attention(q_BxLxHxDh: Array, k_BxSxHxDh: Array, v_BxSxHxDh: Array,
     mask = jnp.broadcast_to(mask_Bx1xLxS, (mask_Bx1xLxS.shape[0], 1, l, s)).astype(jnp.int8)
   return _fused_attention(q_BxLxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask, float(scale),
                           bool(causal and l == s))
+
+
+def norm_applies(x: Array) -> bool:
+  """Whether `norm` can run as the kernel for this input (else: the jnp formulation)."""
+  return (x.dtype == jnp.float32 and x.ndim >= 1 and x.size > 0 and
+          jax.default_backend() == "cpu" and available())
+
+
+def _norm_fwd_call(x_NxD, scale, bias, eps, rms, has_bias):
+  n, d = x_NxD.shape
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+  call = jax.ffi.ffi_call(NORM_FWD, (f32(n, d), f32(n), f32(n)), vmap_method="sequential")
+  return call(x_NxD, scale, bias, eps=np.float32(eps), rms=rms, has_bias=has_bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _norm(x_NxD, scale, bias, eps, rms, has_bias):
+  return _norm_fwd_call(x_NxD, scale, bias, eps, rms, has_bias)[0]
+
+
+def _norm_fwd(x_NxD, scale, bias, eps, rms, has_bias):
+  y, mean, rstd = _norm_fwd_call(x_NxD, scale, bias, eps, rms, has_bias)
+  return y, (x_NxD, scale, mean, rstd)
+
+
+def _norm_bwd(eps, rms, has_bias, residuals, dy):
+  del eps
+  x_NxD, scale, mean, rstd = residuals
+  d = x_NxD.shape[1]
+  outs = (jax.ShapeDtypeStruct(x_NxD.shape, jnp.float32), jax.ShapeDtypeStruct((d,), jnp.float32),
+          jax.ShapeDtypeStruct((d,), jnp.float32))
+  call = jax.ffi.ffi_call(NORM_BWD, outs, vmap_method="sequential")
+  dx, dscale, dbias = call(x_NxD, scale, mean, rstd, dy, rms=rms)
+  return dx, dscale, dbias if has_bias else jnp.zeros_like(dbias)
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+def norm(x: Array, scale: Array, bias: Optional[Array], eps: float, rms: bool) -> Array:
+  """LayerNorm (or RMSNorm) of float32 `x` over its last axis, one kernel per direction.
+
+  Exactly gptjax.layers.Norm's formulation: `(x - mean) * rsqrt(var + eps) * scale + bias`, the
+  variance of the centred values; RMSNorm has no mean and `bias` is None. Call only where
+  `norm_applies`.
+  """
+  if not available():
+    raise RuntimeError("the gptjax CPU kernels are not built; check norm_applies first")
+  d = x.shape[-1]
+  has_bias = bias is not None
+  bias = bias if has_bias else jnp.zeros((d,), jnp.float32)
+  y = _norm(x.reshape(-1, d), scale.astype(jnp.float32), bias.astype(jnp.float32), float(eps),
+            bool(rms), has_bias)
+  return y.reshape(x.shape)
 
 
 if __name__ == "__main__":

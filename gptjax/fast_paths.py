@@ -29,6 +29,7 @@ PERF = {
     "clip_as_scale": True,           # gradient clipping as one scalar factor (clip_by_global_norm)
     "cpu_head_matmul": True,         # attention matmuls through gptjax.cpu_kernels on XLA:CPU
     "cpu_fused_attention": True,     # attention without bias or dropout as one XLA:CPU kernel
+    "cpu_norm": True,                # LayerNorm/RMSNorm as one XLA:CPU kernel per direction
 }
 
 

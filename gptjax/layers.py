@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import cpu_kernels
 from gptjax.cpu_kernels import fused_attention, fused_attention_applies, head_einsum
 from gptjax.fast_paths import PERF, add_bias, flat_matmul, residual_grad_barrier, softmax_last_axis
 
@@ -219,6 +220,11 @@ class Norm(nn.Module):
     d = x.shape[-1]
     x32 = x.astype(jnp.float32)
     scale = self.param("scale", _ones(("embed",)), (d,), jnp.float32)
+    bias = (self.param("bias", _zeros(("embed",)), (d,), jnp.float32)
+            if self.use_bias else None)
+    if PERF["cpu_norm"] and cpu_kernels.norm_applies(x32):
+      y = cpu_kernels.norm(x32, scale, bias, self.eps, rms=self.kind == "rmsnorm")
+      return y.astype(self.dtype)
     if self.kind == "rmsnorm":
       y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     else:
@@ -226,8 +232,8 @@ class Norm(nn.Module):
       var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
       y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
     y = y * scale
-    if self.use_bias:
-      y = y + self.param("bias", _zeros(("embed",)), (d,), jnp.float32)
+    if bias is not None:
+      y = y + bias
     return y.astype(self.dtype)
 
 

@@ -1,4 +1,4 @@
-"""The CPU attention-matmul kernel (gptjax/cpu_kernels.py) against jnp.einsum."""
+"""The CPU kernels (gptjax/cpu_kernels.py) against the jnp formulations they replace."""
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +144,57 @@ def test_attention_layer_uses_the_fused_kernel_only_where_it_applies():
   assert cpu_kernels.ATTENTION_FWD not in lowered(bias=bias)  # bias: per-head matmul kernel
   assert cpu_kernels.HEAD_MATMUL in lowered(bias=bias)
   assert cpu_kernels.ATTENTION_FWD not in lowered(dtype=jnp.bfloat16)
+
+
+def _plain_norm(kind, use_bias):
+  """gptjax.layers.Norm with the kernel switched off, as a function of (params, x)."""
+  module = layers.Norm(kind, 1e-5, use_bias)
+
+  def apply(params, x):
+    saved = layers.PERF["cpu_norm"]
+    layers.PERF["cpu_norm"] = False
+    try:
+      return module.apply(params, x)
+    finally:
+      layers.PERF["cpu_norm"] = saved
+  return module, apply
+
+
+# [2048, 256] is gpt:small's residual stream; 50 and 19 leave a partial 16-float vector per row,
+# and 130 rows a partial block of 64 rows.
+@pytest.mark.parametrize("kind,use_bias,shape", [("layernorm", True, (16, 128, 256)),
+                                                 ("layernorm", True, (5, 26, 19)),
+                                                 ("layernorm", False, (130, 64)),
+                                                 ("rmsnorm", False, (3, 37, 50))])
+def test_norm_matches_plain_forward_and_gradients(kind, use_bias, shape):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=shape) * 3 + 1, jnp.float32)  # a mean the norm must remove
+  module, plain = _plain_norm(kind, use_bias)
+  params = module.init(jax.random.key(0), x)
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape) * 0.3, p.dtype), params)
+  assert cpu_kernels.norm_applies(x)
+  np.testing.assert_allclose(jax.jit(module.apply)(params, x), plain(params, x), rtol=1e-5,
+                             atol=1e-5)
+
+  weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+  def loss(apply):
+    return lambda p, v: jnp.sum(jnp.sin(apply(p, v)) * weights)
+  got = jax.jit(jax.grad(loss(module.apply), argnums=(0, 1)))(params, x)
+  want = jax.grad(loss(plain), argnums=(0, 1))(params, x)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+
+def test_norm_column_sums_do_not_depend_on_threads():
+  # The scale gradient sums 2048 rows in blocks; the same input must give the same bits.
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2048, 256)), jnp.float32)
+  module = layers.Norm()
+  params = module.init(jax.random.key(0), x)
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(module.apply(p, x) * x)))
+  first = grad(params)
+  for _ in range(3):
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(grad(params))):
+      np.testing.assert_array_equal(a, b)
