@@ -42,10 +42,12 @@ from absl import logging
 Array = jax.Array
 
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "gemm.h", CSRC / "head_matmul.cc", CSRC / "attention.cc", CSRC / "norm.cc")
+SOURCES = tuple(CSRC / name for name in ("gemm.h", "vector_math.h", "head_matmul.cc",
+                                         "attention.cc", "norm.cc", "activation.cc"))
 HEAD_MATMUL = "gptjax_head_matmul"
 ATTENTION_FWD, ATTENTION_BWD = "gptjax_attention_fwd", "gptjax_attention_bwd"
 NORM_FWD, NORM_BWD = "gptjax_norm_fwd", "gptjax_norm_bwd"
+GELU_FWD, GELU_BWD = "gptjax_bias_gelu_fwd", "gptjax_bias_gelu_bwd"
 
 
 def cache_dir() -> pathlib.Path:
@@ -96,7 +98,8 @@ def available() -> bool:
     return False
   for name, symbol in ((HEAD_MATMUL, lib.GptjaxHeadMatmul), (ATTENTION_FWD, lib.GptjaxAttentionFwd),
                        (ATTENTION_BWD, lib.GptjaxAttentionBwd), (NORM_FWD, lib.GptjaxNormFwd),
-                       (NORM_BWD, lib.GptjaxNormBwd)):
+                       (NORM_BWD, lib.GptjaxNormBwd), (GELU_FWD, lib.GptjaxBiasGeluFwd),
+                       (GELU_BWD, lib.GptjaxBiasGeluBwd)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
   return True
 
@@ -306,6 +309,53 @@ def norm(x: Array, scale: Array, bias: Optional[Array], eps: float, rms: bool) -
   y = _norm(x.reshape(-1, d), scale.astype(jnp.float32), bias.astype(jnp.float32), float(eps),
             bool(rms), has_bias)
   return y.reshape(x.shape)
+
+
+def _bias_gelu_fwd_call(h_NxF, bias, approximate):
+  call = jax.ffi.ffi_call(GELU_FWD, jax.ShapeDtypeStruct(h_NxF.shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(h_NxF, bias, approximate=approximate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bias_gelu(h_NxF, bias, approximate):
+  return _bias_gelu_fwd_call(h_NxF, bias, approximate)
+
+
+def _bias_gelu_fwd(h_NxF, bias, approximate):
+  return _bias_gelu_fwd_call(h_NxF, bias, approximate), (h_NxF, bias)
+
+
+def _bias_gelu_bwd(approximate, residuals, dy):
+  h_NxF, bias = residuals
+  outs = (jax.ShapeDtypeStruct(h_NxF.shape, jnp.float32),
+          jax.ShapeDtypeStruct(bias.shape, jnp.float32))
+  call = jax.ffi.ffi_call(GELU_BWD, outs, vmap_method="sequential")
+  return call(h_NxF, bias, dy, approximate=approximate)
+
+
+_bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
+
+def bias_gelu_applies(h: Array, bias: Optional[Array]) -> bool:
+  """Whether `bias_gelu` can run as the kernel (else: add the bias, then `jax.nn.gelu`)."""
+  return (h.dtype == jnp.float32 and h.ndim >= 1 and h.size > 0 and
+          (bias is None or bias.shape == h.shape[-1:]) and
+          jax.default_backend() == "cpu" and available())
+
+
+def bias_gelu(h: Array, bias: Optional[Array], approximate: bool) -> Array:
+  """`jax.nn.gelu(h + bias, approximate)` over float32 `h`, one kernel per direction.
+
+  The bias is `[F]` for `h` `[..., F]` (or None). The backward recomputes the GELU from `h`
+  instead of keeping its intermediates. Call only where `bias_gelu_applies`.
+  """
+  if not available():
+    raise RuntimeError("the gptjax CPU kernels are not built; check bias_gelu_applies first")
+  f = h.shape[-1]
+  b = jnp.zeros((f,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+  y = _bias_gelu(h.reshape(-1, f), b, bool(approximate))
+  return y.reshape(h.shape)
 
 
 if __name__ == "__main__":

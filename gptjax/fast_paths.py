@@ -30,6 +30,7 @@ PERF = {
     "cpu_head_matmul": True,         # attention matmuls through gptjax.cpu_kernels on XLA:CPU
     "cpu_fused_attention": True,     # attention without bias or dropout as one XLA:CPU kernel
     "cpu_norm": True,                # LayerNorm/RMSNorm as one XLA:CPU kernel per direction
+    "cpu_bias_gelu": True,           # the MLP's bias add and GELU as one XLA:CPU kernel
 }
 
 

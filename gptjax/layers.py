@@ -244,31 +244,47 @@ def make_norm(cfg: ModelConfig, name: str) -> Norm:
 
 # --------------------------------------------------------------------- dense
 class Dense(nn.Module):
-  """y = x · W (+ b) over the trailing `in_shape` axes into `out_shape`, with axis names."""
+  """y = act(x · W (+ b)) over the trailing `in_shape` axes into `out_shape`, with axis names.
+
+  `activation` is "" (none), "gelu" (tanh approximation) or "gelu_exact"; on CPU the bias add
+  and the GELU run as one kernel (`cpu_kernels.bias_gelu`).
+  """
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
   axes: tuple[str, ...]
   std: float = 0.02
   use_bias: bool = True
   dtype: Any = jnp.float32
+  activation: str = ""
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     n_in, n_out = len(self.in_shape), len(self.out_shape)
     kernel = self.param("kernel", _normal(self.std, self.axes), self.in_shape + self.out_shape,
                         jnp.float32)
-    if PERF["flat_dense"]:
-      y = flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
-    else:
-      letters = "ijkmn"
-      lhs = "...%s" % letters[:n_in]
-      rhs = letters[:n_in] + "opq"[:n_out]
-      y = jnp.einsum(f"{lhs},{rhs}->...{'opq'[:n_out]}", x.astype(self.dtype),
-                     kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", _zeros(self.axes[n_in:]), self.out_shape, jnp.float32)
+    y = self.matmul(x, kernel)
+    bias = (self.param("bias", _zeros(self.axes[n_in:]), self.out_shape, jnp.float32)
+            if self.use_bias else None)
+    approximate = self.activation == "gelu"
+    if (self.activation and PERF["cpu_bias_gelu"] and n_out == 1 and
+        cpu_kernels.bias_gelu_applies(y, bias)):
+      return cpu_kernels.bias_gelu(y, bias, approximate)
+    if bias is not None:
       y = add_bias(y, bias)
+    if self.activation:
+      y = nn.gelu(y, approximate=approximate)
     return y
+
+  def matmul(self, x: Array, kernel: Array) -> Array:
+    """x · W alone: the product that LoRA's unmerged delta is added to (gptjax.lora)."""
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    if PERF["flat_dense"]:
+      return flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+    letters = "ijkmn"
+    lhs = "...%s" % letters[:n_in]
+    rhs = letters[:n_in] + "opq"[:n_out]
+    return jnp.einsum(f"{lhs},{rhs}->...{'opq'[:n_out]}", x.astype(self.dtype),
+                      kernel.astype(self.dtype))
 
 
 # ----------------------------------------------------------------- attention
@@ -436,16 +452,15 @@ class Mlp(nn.Module):
   def __call__(self, x_BxLxD: Array) -> Array:
     cfg = self.cfg
     d, f, dt = cfg.embed_dim, cfg.mlp_dim, cfg.compute_dtype
-    wi = lambda name: Dense((d,), (f,), ("embed", "mlp"), kernel_std(cfg, d), cfg.use_bias, dt,
-                            name=name)(x_BxLxD)
+    wi = lambda name, act="": Dense((d,), (f,), ("embed", "mlp"), kernel_std(cfg, d),
+                                    cfg.use_bias, dt, activation=act, name=name)(x_BxLxD)
     if cfg.activation in ("gated_gelu", "swiglu"):
       act = nn.gelu if cfg.activation == "gated_gelu" else nn.silu
       h_BxLxF = act(wi("wi_0")) * wi("wi_1")
+    elif cfg.activation in ("gelu", "gelu_exact"):
+      h_BxLxF = wi("wi", cfg.activation)
     else:
-      act = {"gelu": lambda z: nn.gelu(z, approximate=True),
-             "gelu_exact": lambda z: nn.gelu(z, approximate=False),
-             "relu": nn.relu}[cfg.activation]
-      h_BxLxF = act(wi("wi"))
+      h_BxLxF = nn.relu(wi("wi"))
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
     return Dense((f,), (d,), ("mlp", "embed"), kernel_std(cfg, f), cfg.use_bias, dt, name="wo")(h_BxLxF)
 

@@ -134,7 +134,9 @@ def merge(params, lora_tree: dict, alpha: float, rank: int, dropout_rate: float 
 
 @contextlib.contextmanager
 def unmerged_lora(lora_tree: dict, alpha: float, rank: int):
-  """Within this context, `model.apply` adds alpha/rank * (x A) B to every adapted Dense output.
+  """Within this context, `model.apply` adds alpha/rank * (x A) B to every adapted Dense product.
+
+  The delta joins x · W before the bias and any activation (`Dense.matmul`).
 
   Only for models without scanned layers (the scan axis would need slicing).
   """
@@ -142,7 +144,7 @@ def unmerged_lora(lora_tree: dict, alpha: float, rank: int):
     y = next_fn(*args, **kwargs)
     module = context.module
     path = "/".join(module.path) + "/kernel"
-    if context.method_name != "__call__" or path not in lora_tree:
+    if context.method_name != "matmul" or path not in lora_tree:
       return y
     ab = lora_tree[path]
     x = args[0]

@@ -1,5 +1,7 @@
 """The CPU kernels (gptjax/cpu_kernels.py) against the jnp formulations they replace."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,3 +200,41 @@ def test_norm_column_sums_do_not_depend_on_threads():
   for _ in range(3):
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(grad(params))):
       np.testing.assert_array_equal(a, b)
+
+
+# [2048, 1024] is gpt:small's MLP; 37 features leave a partial 16-float vector per row.
+@pytest.mark.parametrize("approximate", [True, False])
+@pytest.mark.parametrize("shape,with_bias", [((16, 128, 1024), True), ((3, 29, 37), True),
+                                             ((70, 48), False)])
+def test_bias_gelu_matches_jax_forward_and_gradients(approximate, shape, with_bias):
+  rng = np.random.default_rng(5)
+  h = jnp.asarray(rng.normal(size=shape) * 3, jnp.float32)  # well into both tails
+  bias = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32) if with_bias else None
+  plain = lambda h, b: jax.nn.gelu(h if b is None else h + b, approximate=approximate)  # noqa: E731
+  kernel = lambda h, b: cpu_kernels.bias_gelu(h, b, approximate)  # noqa: E731
+  assert cpu_kernels.bias_gelu_applies(h, bias)
+  np.testing.assert_allclose(jax.jit(kernel)(h, bias), plain(h, bias), rtol=1e-5, atol=2e-6)
+
+  weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  argnums = (0, 1) if with_bias else (0,)
+
+  def loss(fn):
+    return lambda h, b: jnp.sum(fn(h, b) * weights)
+  got = jax.jit(jax.grad(loss(kernel), argnums=argnums))(h, bias)
+  want = jax.grad(loss(plain), argnums=argnums)(h, bias)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def test_bias_gelu_is_as_close_to_float64_as_jax():
+  # The kernels' erf and tanh are polynomial approximations: within float32 rounding of the
+  # exact GELU wherever jax.nn.gelu is.
+  x = jnp.linspace(-9.0, 9.0, 4001, dtype=jnp.float32)
+  x64 = np.asarray(x, np.float64)
+  exact = x64 * 0.5 * np.vectorize(math.erfc)(-x64 / math.sqrt(2))
+  tanh = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+  for approximate, want in ((False, exact), (True, tanh)):
+    got = np.asarray(jax.jit(lambda v: cpu_kernels.bias_gelu(v, None, approximate))(x))
+    jax_err = np.abs(np.asarray(jax.nn.gelu(x, approximate=approximate), np.float64) - want)
+    bound = np.maximum(jax_err, 2.5e-7 * np.maximum(1.0, np.abs(x64)))
+    assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) - bound))

@@ -15,18 +15,19 @@
 #include <cmath>
 
 #include "gemm.h"
+#include "vector_math.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+#if defined(__x86_64__)
+using gptjax::TailMask;
+#endif
+
 constexpr int64_t kRowsPerBlock = 64;
 
 #if defined(__x86_64__)
-__attribute__((target("avx512f"))) inline __mmask16 TailMask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-}
-
 // Mean and 1/sqrt(var + eps) of one row (two passes: the row stays in L1).
 __attribute__((target("avx512f,fma"))) void RowStatsAvx512(const float* x, int64_t d, float eps,
                                                            bool rms, float& mean, float& rstd) {
