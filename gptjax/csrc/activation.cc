@@ -58,33 +58,39 @@ inline float Gelu(float x, bool approximate, float* grad) {
 }
 
 #if defined(__x86_64__)
+// 1 / d to about 2^-28 relative error: the 14-bit estimate and one Newton step, several times
+// the throughput of a 512-bit division.
+__attribute__((target("avx512f,fma"))) inline __m512 Reciprocal512(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
 // 16 GELUs of x; their derivatives too when `grad` is not null.
 __attribute__((target("avx512f,fma"))) inline __m512 Gelu512(__m512 x, bool approximate,
                                                              __m512* grad) {
-  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  const __m512 one = _mm512_set1_ps(1.0f);
   if (approximate) {
+    // 0.5 * (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u)); exp's clamp keeps it finite.
     const __m512 x2 = _mm512_mul_ps(x, x);
-    const __m512 u = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(kSqrt2OverPi)),
-                                   _mm512_fmadd_ps(x2, _mm512_set1_ps(kCubic), one));
-    // tanh(u) = 1 - 2 / (exp(2u) + 1): exp overflowing to its clamp still gives 1.
-    const __m512 e = Exp512(_mm512_add_ps(u, u));
-    const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
-    const __m512 cdf = _mm512_mul_ps(half, _mm512_add_ps(one, t));
+    const __m512 two_u = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(2.0f * kSqrt2OverPi)),
+                                       _mm512_fmadd_ps(x2, _mm512_set1_ps(kCubic), one));
+    const __m512 cdf = Reciprocal512(_mm512_add_ps(one, Exp512(_mm512_sub_ps(_mm512_setzero_ps(), two_u))));
     if (grad) {
-      const __m512 du = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi),
-                                      _mm512_fmadd_ps(x2, _mm512_set1_ps(3.0f * kCubic), one));
-      const __m512 sech2 = _mm512_fnmadd_ps(t, t, one);
-      *grad = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, x), sech2), du, cdf);
+      // d/dx x * sigmoid(2u) = cdf + x * cdf * (1 - cdf) * 2u'
+      const __m512 du2 = _mm512_mul_ps(_mm512_set1_ps(2.0f * kSqrt2OverPi),
+                                       _mm512_fmadd_ps(x2, _mm512_set1_ps(3.0f * kCubic), one));
+      const __m512 slope = _mm512_mul_ps(_mm512_mul_ps(cdf, _mm512_sub_ps(one, cdf)), du2);
+      *grad = _mm512_fmadd_ps(x, slope, cdf);
     }
     return _mm512_mul_ps(x, cdf);
   }
   const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(kInvSqrt2));
-  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(z, _mm512_set1_ps(kErfP), one));
+  const __m512 t = Reciprocal512(_mm512_fmadd_ps(z, _mm512_set1_ps(kErfP), one));
   __m512 poly = _mm512_set1_ps(kErfA[4]);
   for (int i = 3; i >= 0; --i) poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(kErfA[i]));
   poly = _mm512_mul_ps(poly, t);
   const __m512 e = Exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
-  const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(half, poly), e);
+  const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), poly), e);
   const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
   const __m512 cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, half_erfc), half_erfc);
   if (grad) *grad = _mm512_fmadd_ps(x, _mm512_mul_ps(_mm512_set1_ps(kInvSqrt2Pi), e), cdf);
