@@ -23,6 +23,10 @@ attention_layouts: gpt:small's causal attention core as gptjax computes it, head
 split into independent pieces by batch or heads.
 gelu_backward: one MLP block with jax.nn.gelu, two hand-written GELU backwards, and ReLU.
 log_partition: the loss on gpt:small logits by autodiff and with a backward that recomputes exp.
+elementwise_kernels: forward+backward of gpt:small's LayerNorm ([2048, 256]), bias+GELU (tanh and
+exact, [2048, 1024]) and loss ([2048, 8192] logits) through gptjax's CPU kernels and as XLA
+fusions (the `cpu_norm`, `cpu_bias_gelu` and `cpu_cross_entropy` switches off). Run it twice:
+the first figures of a process include the heap's growth.
 remat_memory: compiled temporaries of a 16-layer gradient with and without jax.checkpoint.
 Each figure is the mean of --repeats calls after one warm-up call. PyTorch (a test and benchmark
 dependency, installed by `make install-test`) runs with its default threads.
@@ -41,14 +45,15 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import gptjax  # pylint: disable=g-import-not-at-top  (host malloc settings, as in training)
-from gptjax import fast_paths  # pylint: disable=g-import-not-at-top
+from gptjax import cpu_kernels, fast_paths, layers, objectives  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 20, "Timed calls per measurement.")
 flags.DEFINE_list("benchmarks", ["colsum", "adamw", "matmul_dtypes", "batched_dot",
                                  "dense_matmuls", "attention",
                                  "cross_entropy", "qkv", "wgrad_layouts", "attention_layouts",
-                                 "gelu_backward", "log_partition", "remat_memory"],
+                                 "gelu_backward", "log_partition", "elementwise_kernels",
+                                 "remat_memory"],
                   "Which micro-benchmarks to run.")
 
 
@@ -395,12 +400,45 @@ def remat_memory() -> None:
         f"jax.checkpoint(prevent_cse=False) {temp_mib(True, False):.0f} MiB")
 
 
+def elementwise_kernels() -> None:
+  """ms per fwd+bwd of a norm, bias+GELU and the loss, as gptjax's CPU kernels and as XLA."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], (2048, 256))
+  norm = layers.Norm()
+  norm_params = norm.init(keys[1], x)
+  h = jax.random.normal(keys[2], (2048, 1024))
+  bias = jnp.zeros((1024,))
+  logits = 3 * jax.random.normal(keys[3], (2048, 8192))
+  targets = jnp.arange(2048) % 8192
+  weights = jnp.ones((2048,))
+
+  def gelu(approximate):  # what Dense(activation=...) runs with the switch on and off
+    def loss(v, b):
+      if fast_paths.PERF["cpu_bias_gelu"]:
+        return jnp.sum(cpu_kernels.bias_gelu(v, b, approximate) * v)
+      return jnp.sum(jax.nn.gelu(v + b, approximate=approximate) * v)
+    return loss
+  cases = [("LayerNorm", "cpu_norm", lambda p, v: jnp.sum(norm.apply(p, v) * v),
+            (norm_params, x)),
+           ("bias+GELU tanh", "cpu_bias_gelu", gelu(True), (h, bias)),
+           ("bias+GELU exact", "cpu_bias_gelu", gelu(False), (h, bias)),
+           ("loss", "cpu_cross_entropy",
+            lambda v: objectives.cross_entropy(v, targets, weights)[0], (logits,))]
+  for name, switch, loss, args in cases:
+    times = {}
+    for on in (True, False):
+      fast_paths.PERF[switch] = on
+      times[on] = timed(jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))), *args)
+    fast_paths.PERF[switch] = True
+    print(f"{name} fwd+bwd: kernel {times[True]:.2f} ms, XLA {times[False]:.2f} ms")
+
+
 BENCHMARKS = {"colsum": colsum, "adamw": adamw, "matmul_dtypes": matmul_dtypes,
               "batched_dot": batched_dot, "dense_matmuls": dense_matmuls, "attention": attention,
               "cross_entropy": cross_entropy,
               "qkv": qkv, "wgrad_layouts": wgrad_layouts, "attention_layouts": attention_layouts,
               "gelu_backward": gelu_backward, "log_partition": log_partition,
-              "remat_memory": remat_memory}
+              "elementwise_kernels": elementwise_kernels, "remat_memory": remat_memory}
 
 
 def main(argv):

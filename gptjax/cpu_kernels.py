@@ -1,8 +1,9 @@
-"""Attention and norms as multi-threaded XLA:CPU custom calls (gptjax/csrc/), for float32 on CPU.
+"""Attention, norms, GELU and the loss as multi-threaded XLA:CPU custom calls (gptjax/csrc/).
 
 XLA:CPU runs a batched dot such as `blhd,bshd->bhls` on one core, at a third of the rate of its
-2-D matmuls, and a LayerNorm as five to eight separate fusions per direction
-(experiments/PERFORMANCE.md). Three kernels replace them:
+2-D matmuls, a LayerNorm as five to eight separate fusions per direction, and the loss's
+log-partition as five passes over the logits (experiments/PERFORMANCE.md). For float32 on CPU,
+these kernels replace them:
 
 - `fused_attention`: scores, mask, softmax and weighted values per (batch, head) in one call,
   the backward in another, skipping the key blocks above the diagonal for causal attention
@@ -12,6 +13,10 @@ XLA:CPU runs a batched dot such as `blhd,bshd->bhls` on one core, at a third of 
   layout; used where the fused kernel does not apply (bias, dropout).
 - `norm`: LayerNorm or RMSNorm over the last axis, one pass over the rows per direction
   (csrc/norm.cc).
+- `bias_gelu`: a Dense layer's bias add and GELU (tanh or exact), one pass per direction
+  (csrc/activation.cc).
+- `log_z_and_target`: the cross-entropy's logsumexp, target logit and row max, one pass over
+  the logits forward and one backward (csrc/cross_entropy.cc).
 
 All share their work out over XLA's intra-op threads. They are compiled on first
 use with the system's C++ compiler into a per-user cache (`$GPTJAX_CACHE_DIR`, default
@@ -43,11 +48,13 @@ Array = jax.Array
 
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("gemm.h", "vector_math.h", "head_matmul.cc",
-                                         "attention.cc", "norm.cc", "activation.cc"))
+                                         "attention.cc", "norm.cc", "activation.cc",
+                                         "cross_entropy.cc"))
 HEAD_MATMUL = "gptjax_head_matmul"
 ATTENTION_FWD, ATTENTION_BWD = "gptjax_attention_fwd", "gptjax_attention_bwd"
 NORM_FWD, NORM_BWD = "gptjax_norm_fwd", "gptjax_norm_bwd"
 GELU_FWD, GELU_BWD = "gptjax_bias_gelu_fwd", "gptjax_bias_gelu_bwd"
+LOGZ_FWD, LOGZ_BWD = "gptjax_log_z_fwd", "gptjax_log_z_bwd"
 
 
 def cache_dir() -> pathlib.Path:
@@ -99,7 +106,8 @@ def available() -> bool:
   for name, symbol in ((HEAD_MATMUL, lib.GptjaxHeadMatmul), (ATTENTION_FWD, lib.GptjaxAttentionFwd),
                        (ATTENTION_BWD, lib.GptjaxAttentionBwd), (NORM_FWD, lib.GptjaxNormFwd),
                        (NORM_BWD, lib.GptjaxNormBwd), (GELU_FWD, lib.GptjaxBiasGeluFwd),
-                       (GELU_BWD, lib.GptjaxBiasGeluBwd)):
+                       (GELU_BWD, lib.GptjaxBiasGeluBwd), (LOGZ_FWD, lib.GptjaxLogZFwd),
+                       (LOGZ_BWD, lib.GptjaxLogZBwd)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
   return True
 
@@ -356,6 +364,54 @@ def bias_gelu(h: Array, bias: Optional[Array], approximate: bool) -> Array:
   b = jnp.zeros((f,), jnp.float32) if bias is None else bias.astype(jnp.float32)
   y = _bias_gelu(h.reshape(-1, f), b, bool(approximate))
   return y.reshape(h.shape)
+
+
+def _log_z_fwd_call(logits_NxV, targets_N):
+  n = logits_NxV.shape[0]
+  outs = tuple(jax.ShapeDtypeStruct((n,), jnp.float32) for _ in range(3))
+  return jax.ffi.ffi_call(LOGZ_FWD, outs, vmap_method="sequential")(logits_NxV, targets_N)
+
+
+@jax.custom_vjp
+def _log_z_and_target(logits_NxV, targets_N):
+  return _log_z_fwd_call(logits_NxV, targets_N)
+
+
+def _log_z_fwd(logits_NxV, targets_N):
+  log_z, target_logit, row_max = _log_z_fwd_call(logits_NxV, targets_N)
+  return (log_z, target_logit, row_max), (logits_NxV, targets_N, log_z)
+
+
+def _log_z_bwd(residuals, cotangents):
+  logits_NxV, targets_N, log_z = residuals
+  g_log_z, g_target, _ = cotangents  # the row max is a stop_gradient in the plain formulation
+  call = jax.ffi.ffi_call(LOGZ_BWD, jax.ShapeDtypeStruct(logits_NxV.shape, jnp.float32),
+                          vmap_method="sequential")
+  dlogits = call(logits_NxV, targets_N, log_z, g_log_z, g_target)
+  return dlogits, np.zeros(targets_N.shape, jax.dtypes.float0)
+
+
+_log_z_and_target.defvjp(_log_z_fwd, _log_z_bwd)
+
+
+def log_z_applies(logits: Array) -> bool:
+  """Whether `log_z_and_target` can run as the kernel for these logits."""
+  return (logits.dtype == jnp.float32 and logits.ndim >= 1 and logits.size > 0 and
+          jax.default_backend() == "cpu" and available())
+
+
+def log_z_and_target(logits: Array, targets: Array) -> tuple[Array, Array, Array]:
+  """(logsumexp, the target's logit, the max) over the last axis of float32 `logits`.
+
+  As `gptjax.objectives.cross_entropy` computes them: the max carries no gradient, a negative
+  target counts from the end and one out of range gives a NaN logit (jnp.take_along_axis).
+  One pass over the logits forward, one backward. Call only where `log_z_applies`.
+  """
+  if not available():
+    raise RuntimeError("the gptjax CPU kernels are not built; check log_z_applies first")
+  lead, v = logits.shape[:-1], logits.shape[-1]
+  outs = _log_z_and_target(logits.reshape(-1, v), targets.reshape(-1).astype(jnp.int32))
+  return tuple(o.reshape(lead) for o in outs)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from gptjax import batch_spec
+from gptjax import batch_spec, cpu_kernels
+from gptjax.fast_paths import PERF
 
 Array = jax.Array
 Terms = dict[str, tuple[Array, Array]]
@@ -23,9 +24,12 @@ Terms = dict[str, tuple[Array, Array]]
 def cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array):
   """Weighted token cross-entropy in float32: (sum of losses, sum of weights, correct count)."""
   logits = logits_BxLxV.astype(jnp.float32)
-  max_BxL = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-  log_z = max_BxL + jnp.log(jnp.sum(jnp.exp(logits - max_BxL[..., None]), axis=-1))
-  target_logit = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  if PERF["cpu_cross_entropy"] and cpu_kernels.log_z_applies(logits):
+    log_z, target_logit, max_BxL = cpu_kernels.log_z_and_target(logits, targets_BxL)
+  else:
+    max_BxL = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    log_z = max_BxL + jnp.log(jnp.sum(jnp.exp(logits - max_BxL[..., None]), axis=-1))
+    target_logit = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
   w = weights_BxL.astype(jnp.float32)
   # the max the loss needs anyway, instead of a second pass for argmax (an exact tie counts as
   # correct; argmax would pick the lowest id)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import cpu_kernels, layers
+from gptjax import cpu_kernels, layers, objectives
 
 # Where a compiler exists the kernels must build: no silent fallback.
 pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler")
@@ -238,3 +238,43 @@ def test_bias_gelu_is_as_close_to_float64_as_jax():
     jax_err = np.abs(np.asarray(jax.nn.gelu(x, approximate=approximate), np.float64) - want)
     bound = np.maximum(jax_err, 2.5e-7 * np.maximum(1.0, np.abs(x64)))
     assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) - bound))
+
+
+def _plain_cross_entropy(logits, targets, weights):
+  saved = layers.PERF["cpu_cross_entropy"]
+  layers.PERF["cpu_cross_entropy"] = False
+  try:
+    return objectives.cross_entropy(logits, targets, weights)
+  finally:
+    layers.PERF["cpu_cross_entropy"] = saved
+
+
+# gpt:small's [16, 128, 8192] logits; 37 leaves a partial vector, 5 x 3 a partial unit of rows.
+@pytest.mark.parametrize("shape", [(16, 128, 8192), (5, 3, 37)])
+def test_cross_entropy_kernel_matches_plain_loss_and_gradient(shape):
+  rng = np.random.default_rng(6)
+  logits = jnp.asarray(rng.normal(size=shape) * 4, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, shape[-1], size=shape[:-1]), jnp.int32)
+  targets = targets.at[0, 0].set(-1)  # counts from the end, as in jnp.take_along_axis
+  logits = logits.at[1, 1, targets[1, 1]].set(50.0)  # one row whose target is the max
+  weights = jnp.asarray(rng.uniform(size=shape[:-1]) > 0.3, jnp.float32)
+  assert cpu_kernels.log_z_applies(logits)
+  got = jax.jit(objectives.cross_entropy)(logits, targets, weights)
+  want = _plain_cross_entropy(logits, targets, weights)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(got[2]) >= 1.0  # the row whose target is the max counts as correct
+
+  def loss(fn):
+    return lambda x: fn(x, targets, weights)[0]
+  got_grad = jax.jit(jax.grad(loss(objectives.cross_entropy)))(logits)
+  want_grad = jax.grad(loss(_plain_cross_entropy))(logits)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_cross_entropy_kernel_out_of_range_target_is_nan_like_take_along_axis():
+  logits = jnp.zeros((2, 7), jnp.float32)
+  targets = jnp.asarray([3, 7], jnp.int32)
+  _, target_logit, _ = jax.jit(cpu_kernels.log_z_and_target)(logits, targets)
+  want = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  np.testing.assert_array_equal(np.isnan(target_logit), np.isnan(want))
+  assert np.isnan(target_logit[1])
