@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gptjax import analysis_plots, checkpointing, layers, models, objectives
+from gptjax import analysis_plots, checkpointing, layers, models, objectives, positions
 from gptjax.config_schema import ConfigError
 from gptjax.layers import ModelConfig
 
@@ -261,8 +261,8 @@ def attention_probs(cfg: ModelConfig, rec: dict) -> np.ndarray:
   """B x H x L x S softmax probabilities recomputed from captured queries, keys, mask and bias."""
   q, k = rec["query"], rec["key"]
   if cfg.position == "rope" and rec.get("kv_BxSxD") is None:
-    q = layers.apply_rope(q, rec["positions_BxL"], cfg.rope_base)
-    k = layers.apply_rope(k, rec["positions_BxL"], cfg.rope_base)
+    q = positions.apply_rope(q, rec["positions_BxL"], cfg.rope_base)
+    k = positions.apply_rope(k, rec["positions_BxL"], cfg.rope_base)
   b, l, h, dh = q.shape
   kh = k.shape[2]
   scale = dh ** -0.5 if cfg.scale_attention else 1.0

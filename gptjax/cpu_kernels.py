@@ -265,8 +265,11 @@ def fused_attention(q_BxLxHxDh: Array, k_BxSxHxDh: Array, v_BxSxHxDh: Array,
                           bool(causal and l == s))
 
 
-def norm_applies(x: Array) -> bool:
-  """Whether `norm` can run as the kernel for this input (else: the jnp formulation)."""
+def rows_kernel_applies(x: Array) -> bool:
+  """Whether the row kernels (`norm`, `bias_gelu`, `log_z_and_target`) can run on `x`.
+
+  They work on the rows along the last axis; where they cannot, callers use the jnp formulation.
+  """
   return (x.dtype == jnp.float32 and x.ndim >= 1 and x.size > 0 and
           jax.default_backend() == "cpu" and available())
 
@@ -307,10 +310,10 @@ def norm(x: Array, scale: Array, bias: Optional[Array], eps: float, rms: bool) -
 
   Exactly gptjax.layers.Norm's formulation: `(x - mean) * rsqrt(var + eps) * scale + bias`, the
   variance of the centred values; RMSNorm has no mean and `bias` is None. Call only where
-  `norm_applies`.
+  `rows_kernel_applies(x)`.
   """
   if not available():
-    raise RuntimeError("the gptjax CPU kernels are not built; check norm_applies first")
+    raise RuntimeError("the gptjax CPU kernels are not built; check rows_kernel_applies first")
   d = x.shape[-1]
   has_bias = bias is not None
   bias = bias if has_bias else jnp.zeros((d,), jnp.float32)
@@ -345,21 +348,14 @@ def _bias_gelu_bwd(approximate, residuals, dy):
 _bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
-def bias_gelu_applies(h: Array, bias: Optional[Array]) -> bool:
-  """Whether `bias_gelu` can run as the kernel (else: add the bias, then `jax.nn.gelu`)."""
-  return (h.dtype == jnp.float32 and h.ndim >= 1 and h.size > 0 and
-          (bias is None or bias.shape == h.shape[-1:]) and
-          jax.default_backend() == "cpu" and available())
-
-
 def bias_gelu(h: Array, bias: Optional[Array], approximate: bool) -> Array:
   """`jax.nn.gelu(h + bias, approximate)` over float32 `h`, one kernel per direction.
 
   The bias is `[F]` for `h` `[..., F]` (or None). The backward recomputes the GELU from `h`
-  instead of keeping its intermediates. Call only where `bias_gelu_applies`.
+  instead of keeping its intermediates. Call only where `rows_kernel_applies(h)`.
   """
   if not available():
-    raise RuntimeError("the gptjax CPU kernels are not built; check bias_gelu_applies first")
+    raise RuntimeError("the gptjax CPU kernels are not built; check rows_kernel_applies first")
   f = h.shape[-1]
   b = jnp.zeros((f,), jnp.float32) if bias is None else bias.astype(jnp.float32)
   y = _bias_gelu(h.reshape(-1, f), b, bool(approximate))
@@ -394,21 +390,16 @@ def _log_z_bwd(residuals, cotangents):
 _log_z_and_target.defvjp(_log_z_fwd, _log_z_bwd)
 
 
-def log_z_applies(logits: Array) -> bool:
-  """Whether `log_z_and_target` can run as the kernel for these logits."""
-  return (logits.dtype == jnp.float32 and logits.ndim >= 1 and logits.size > 0 and
-          jax.default_backend() == "cpu" and available())
-
-
 def log_z_and_target(logits: Array, targets: Array) -> tuple[Array, Array, Array]:
   """(logsumexp, the target's logit, the max) over the last axis of float32 `logits`.
 
   As `gptjax.objectives.cross_entropy` computes them: the max carries no gradient, a negative
   target counts from the end and one out of range gives a NaN logit (jnp.take_along_axis).
-  One pass over the logits forward, one backward. Call only where `log_z_applies`.
+  One pass over the logits forward, one backward. Call only where
+  `rows_kernel_applies(logits)`.
   """
   if not available():
-    raise RuntimeError("the gptjax CPU kernels are not built; check log_z_applies first")
+    raise RuntimeError("the gptjax CPU kernels are not built; check rows_kernel_applies first")
   lead, v = logits.shape[:-1], logits.shape[-1]
   outs = _log_z_and_target(logits.reshape(-1, v), targets.reshape(-1).astype(jnp.int32))
   return tuple(o.reshape(lead) for o in outs)

@@ -10,15 +10,14 @@ runs in `cfg.dtype`; softmax and norms run in float32.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gptjax import cpu_kernels
+from gptjax.positions import apply_rope, t5_relative_bucket
 from gptjax.cpu_kernels import fused_attention, fused_attention_applies, head_einsum
 from gptjax.fast_paths import PERF, add_bias, flat_matmul, residual_grad_barrier, softmax_last_axis
 
@@ -132,34 +131,6 @@ class Embed(nn.Module):
     return jnp.einsum("bld,vd->blv", x_BxLxD.astype(self.dtype), self.embedding.astype(self.dtype))
 
 
-def sinusoidal_embedding(positions_BxL: Array, features: int) -> Array:
-  """The fixed sin/cos position encoding of Vaswani et al. (2017)."""
-  half = features // 2
-  freq = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
-  angle_BxLxF = positions_BxL[..., None].astype(jnp.float32) * freq
-  return jnp.concatenate([jnp.sin(angle_BxLxF), jnp.cos(angle_BxLxF)], axis=-1)
-
-
-def t5_relative_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
-                       max_distance: int) -> Array:
-  """T5's bucketing of key-minus-query offsets (Raffel et al. 2020, mesh_tensorflow)."""
-  ret = 0
-  n = -relative_position
-  if bidirectional:
-    num_buckets //= 2
-    ret += (n < 0).astype(jnp.int32) * num_buckets
-    n = jnp.abs(n)
-  else:
-    n = jnp.maximum(n, 0)
-  max_exact = num_buckets // 2
-  is_small = n < max_exact
-  val_if_large = max_exact + (
-      jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps)
-      / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
-  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
-  return ret + jnp.where(is_small, n, val_if_large)
-
-
 class RelativePositionBias(nn.Module):
   """T5 bucketed relative position bias, one table shared by all layers of a stack."""
   num_buckets: int
@@ -174,37 +145,6 @@ class RelativePositionBias(nn.Module):
     bucket_LxS = t5_relative_bucket(k_pos_S[None, :] - q_pos_L[:, None], self.bidirectional,
                                     self.num_buckets, self.max_distance)
     return jnp.take(table, bucket_LxS, axis=0).transpose(2, 0, 1)[None]  # 1xHxLxS
-
-
-def alibi_slopes(num_heads: int) -> np.ndarray:
-  """Per-head ALiBi slopes (Press et al. 2022), also for head counts not a power of 2."""
-  def power_of_2(n):
-    start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-    return [start * start ** i for i in range(n)]
-  if math.log2(num_heads).is_integer():
-    return np.asarray(power_of_2(num_heads), np.float32)
-  closest = 2 ** math.floor(math.log2(num_heads))
-  extra = power_of_2(2 * closest)[0::2][: num_heads - closest]
-  return np.asarray(power_of_2(closest) + extra, np.float32)
-
-
-def alibi_bias(q_pos_L: Array, k_pos_S: Array, num_heads: int, causal: bool) -> Array:
-  """ALiBi linear distance penalty, 1xHxLxS."""
-  dist_LxS = (q_pos_L[:, None] - k_pos_S[None, :]).astype(jnp.float32)
-  dist_LxS = jnp.maximum(dist_LxS, 0.0) if causal else jnp.abs(dist_LxS)
-  return -alibi_slopes(num_heads)[None, :, None, None] * dist_LxS[None, None]
-
-
-def apply_rope(x_BxLxNxDh: Array, positions_BxL: Array, base: float) -> Array:
-  """Rotary position embedding (Su et al. 2021), rotate-half convention."""
-  dh = x_BxLxNxDh.shape[-1]
-  inv_freq = 1.0 / (base ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-  angle_BxLxH = positions_BxL[..., None].astype(jnp.float32) * inv_freq
-  sin = jnp.sin(angle_BxLxH)[:, :, None, :]
-  cos = jnp.cos(angle_BxLxH)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxLxNxDh.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxNxDh.dtype)
 
 
 # --------------------------------------------------------------------- norms
@@ -222,7 +162,7 @@ class Norm(nn.Module):
     scale = self.param("scale", _ones(("embed",)), (d,), jnp.float32)
     bias = (self.param("bias", _zeros(("embed",)), (d,), jnp.float32)
             if self.use_bias else None)
-    if PERF["cpu_norm"] and cpu_kernels.norm_applies(x32):
+    if PERF["cpu_norm"] and cpu_kernels.rows_kernel_applies(x32):
       y = cpu_kernels.norm(x32, scale, bias, self.eps, rms=self.kind == "rmsnorm")
       return y.astype(self.dtype)
     if self.kind == "rmsnorm":
@@ -267,7 +207,7 @@ class Dense(nn.Module):
             if self.use_bias else None)
     approximate = self.activation == "gelu"
     if (self.activation and PERF["cpu_bias_gelu"] and n_out == 1 and
-        cpu_kernels.bias_gelu_applies(y, bias)):
+        cpu_kernels.rows_kernel_applies(y)):
       return cpu_kernels.bias_gelu(y, bias, approximate)
     if bias is not None:
       y = add_bias(y, bias)

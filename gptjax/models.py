@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax import layers
+from gptjax import layers, positions
 from gptjax.layers import ModelConfig
 
 Array = jax.Array
@@ -77,7 +77,7 @@ class Stack(nn.Module):
       x = x + layers.Embed(cfg.max_len + cfg.position_offset, d, cfg.init_std, cfg.compute_dtype,
                            ("length", "embed"), name="pos_embed")(positions_BxL + cfg.position_offset)
     elif cfg.position == "sinusoidal":
-      x = x + layers.sinusoidal_embedding(positions_BxL, d).astype(x.dtype)
+      x = x + positions.sinusoidal_embedding(positions_BxL, d).astype(x.dtype)
     if cfg.embed_norm:
       x = layers.make_norm(cfg, "embed_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -91,7 +91,7 @@ class Stack(nn.Module):
                                          cfg.num_heads, not self.causal, name="rel_bias")(q_pos_L,
                                                                                          k_pos_S)
     elif cfg.position == "alibi":
-      bias = layers.alibi_bias(q_pos_L, k_pos_S, cfg.num_heads, self.causal)
+      bias = positions.alibi_bias(q_pos_L, k_pos_S, cfg.num_heads, self.causal)
     cross_mask = None
     if self.has_cross and enc_mask_BxS is not None:
       cross_mask = enc_mask_BxS.astype(bool)[:, None, None, :]

@@ -24,7 +24,7 @@ Terms = dict[str, tuple[Array, Array]]
 def cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array):
   """Weighted token cross-entropy in float32: (sum of losses, sum of weights, correct count)."""
   logits = logits_BxLxV.astype(jnp.float32)
-  if PERF["cpu_cross_entropy"] and cpu_kernels.log_z_applies(logits):
+  if PERF["cpu_cross_entropy"] and cpu_kernels.rows_kernel_applies(logits):
     log_z, target_logit, max_BxL = cpu_kernels.log_z_and_target(logits, targets_BxL)
   else:
     max_BxL = jax.lax.stop_gradient(jnp.max(logits, axis=-1))

@@ -174,7 +174,7 @@ def test_norm_matches_plain_forward_and_gradients(kind, use_bias, shape):
   module, plain = _plain_norm(kind, use_bias)
   params = module.init(jax.random.key(0), x)
   params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape) * 0.3, p.dtype), params)
-  assert cpu_kernels.norm_applies(x)
+  assert cpu_kernels.rows_kernel_applies(x)
   np.testing.assert_allclose(jax.jit(module.apply)(params, x), plain(params, x), rtol=1e-5,
                              atol=1e-5)
 
@@ -212,7 +212,7 @@ def test_bias_gelu_matches_jax_forward_and_gradients(approximate, shape, with_bi
   bias = jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32) if with_bias else None
   plain = lambda h, b: jax.nn.gelu(h if b is None else h + b, approximate=approximate)  # noqa: E731
   kernel = lambda h, b: cpu_kernels.bias_gelu(h, b, approximate)  # noqa: E731
-  assert cpu_kernels.bias_gelu_applies(h, bias)
+  assert cpu_kernels.rows_kernel_applies(h)
   np.testing.assert_allclose(jax.jit(kernel)(h, bias), plain(h, bias), rtol=1e-5, atol=2e-6)
 
   weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -258,7 +258,7 @@ def test_cross_entropy_kernel_matches_plain_loss_and_gradient(shape):
   targets = targets.at[0, 0].set(-1)  # counts from the end, as in jnp.take_along_axis
   logits = logits.at[1, 1, targets[1, 1]].set(50.0)  # one row whose target is the max
   weights = jnp.asarray(rng.uniform(size=shape[:-1]) > 0.3, jnp.float32)
-  assert cpu_kernels.log_z_applies(logits)
+  assert cpu_kernels.rows_kernel_applies(logits)
   got = jax.jit(objectives.cross_entropy)(logits, targets, weights)
   want = _plain_cross_entropy(logits, targets, weights)
   np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from gptjax import config_schema, layers, models, summary
+from gptjax import config_schema, layers, models, positions, summary
 from gptjax.layers import ModelConfig
 
 FAMILIES = ("gpt", "bert", "t5", "bart")
@@ -134,14 +134,14 @@ def _reference_t5_bucket(relative_position, bidirectional, num_buckets, max_dist
 def test_t5_bucket_matches_published_definition(bidirectional):
   offsets = np.array([-1000, -200, -128, -127, -64, -33, -20, -16, -9, -8, -7, -1, 0, 1, 2, 7, 8,
                       9, 15, 16, 17, 31, 32, 64, 100, 127, 128, 129, 500])
-  got = layers.t5_relative_bucket(jnp.asarray(offsets), bidirectional, 32, 128)
+  got = positions.t5_relative_bucket(jnp.asarray(offsets), bidirectional, 32, 128)
   want = [_reference_t5_bucket(int(o), bidirectional, 32, 128) for o in offsets]
   np.testing.assert_array_equal(np.asarray(got), want)
   # a few hand-checked values from the T5 definition
   if bidirectional:
-    assert int(layers.t5_relative_bucket(jnp.asarray(0), True, 32, 128)) == 0
-    assert int(layers.t5_relative_bucket(jnp.asarray(3), True, 32, 128)) == 16 + 3
-    assert int(layers.t5_relative_bucket(jnp.asarray(-3), True, 32, 128)) == 3
+    assert int(positions.t5_relative_bucket(jnp.asarray(0), True, 32, 128)) == 0
+    assert int(positions.t5_relative_bucket(jnp.asarray(3), True, 32, 128)) == 16 + 3
+    assert int(positions.t5_relative_bucket(jnp.asarray(-3), True, 32, 128)) == 3
 
 
 def test_rope_scores_depend_only_on_relative_offset():
@@ -149,8 +149,8 @@ def test_rope_scores_depend_only_on_relative_offset():
   q = jnp.asarray(rng.normal(size=(1, 1, 2, 16)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(1, 1, 2, 16)), jnp.float32)
   def score(i, j):
-    qi = layers.apply_rope(q, jnp.array([[i]]), 10000.0)
-    kj = layers.apply_rope(k, jnp.array([[j]]), 10000.0)
+    qi = positions.apply_rope(q, jnp.array([[i]]), 10000.0)
+    kj = positions.apply_rope(k, jnp.array([[j]]), 10000.0)
     return np.asarray(jnp.einsum("blhd,blhd->h", qi, kj))
   np.testing.assert_allclose(score(3, 1), score(10, 8), atol=1e-4)
   np.testing.assert_allclose(score(0, 5), score(20, 25), atol=1e-4)
@@ -296,7 +296,7 @@ def test_causal_query_blocks_match_full_attention(kv_heads):
   k, v = (jax.random.normal(kk, (b, l, kv_heads, dh)) for kk in ks[1:3])
   segments = jnp.cumsum(jax.random.bernoulli(ks[3], 0.02, (b, l)), axis=1)  # packed documents
   mask = models.build_mask(None, True, l, segments)
-  bias = layers.alibi_bias(jnp.arange(l), jnp.arange(l), h, True)
+  bias = positions.alibi_bias(jnp.arange(l), jnp.arange(l), h, True)
 
   def attend(causal):
     f = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, bias, dh ** -0.5, "einsum",

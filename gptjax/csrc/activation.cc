@@ -159,10 +159,8 @@ ffi::Error BiasGeluFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffe
   if (ffi::Error e = CheckShapes(h, bias, n, f); e.failure()) return e;
   const float *hd = h.typed_data(), *bd = bias.typed_data();
   float* yd = y->typed_data();
-  gptjax::ParallelFor(pool, (n + kRowsPerBlock - 1) / kRowsPerBlock, [&](int64_t blk) {
-    for (int64_t i = blk * kRowsPerBlock; i < std::min(n, (blk + 1) * kRowsPerBlock); ++i)
-      GeluRowFwd(hd + i * f, bd, yd + i * f, f, approximate);
-  });
+  gptjax::ParallelRows(pool, n, kRowsPerBlock,
+                       [&](int64_t i) { GeluRowFwd(hd + i * f, bd, yd + i * f, f, approximate); });
   return ffi::Error::Success();
 }
 
@@ -173,17 +171,11 @@ ffi::Error BiasGeluBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffe
   if (ffi::Error e = CheckShapes(h, bias, n, f); e.failure()) return e;
   const float *hd = h.typed_data(), *bd = bias.typed_data(), *dyd = dy.typed_data();
   float* dhd = dh->typed_data();
-  const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
-  std::vector<float> partial(blocks * f, 0.0f);
-  gptjax::ParallelFor(pool, blocks, [&](int64_t blk) {
-    for (int64_t i = blk * kRowsPerBlock; i < std::min(n, (blk + 1) * kRowsPerBlock); ++i)
-      GeluRowBwd(hd + i * f, bd, dyd + i * f, dhd + i * f, partial.data() + blk * f, f,
-                 approximate);
-  });
-  float* dbd = dbias->typed_data();
-  std::fill(dbd, dbd + f, 0.0f);
-  for (int64_t blk = 0; blk < blocks; ++blk)
-    for (int64_t j = 0; j < f; ++j) dbd[j] += partial[blk * f + j];
+  const std::vector<float> sums = gptjax::ParallelRowsWithSums(
+      pool, n, kRowsPerBlock, f, [&](int64_t i, float* s) {
+        GeluRowBwd(hd + i * f, bd, dyd + i * f, dhd + i * f, s, f, approximate);
+      });
+  std::copy(sums.begin(), sums.end(), dbias->typed_data());
   return ffi::Error::Success();
 }
 

@@ -96,12 +96,10 @@ ffi::Error LogZFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   const float* xd = logits.typed_data();
   const int32_t* td = targets.typed_data();
   float *lz = log_z->typed_data(), *tl = target_logit->typed_data(), *mx = row_max->typed_data();
-  gptjax::ParallelFor(pool, (n + kRowsPerUnit - 1) / kRowsPerUnit, [&](int64_t unit) {
-    for (int64_t i = unit * kRowsPerUnit; i < std::min(n, (unit + 1) * kRowsPerUnit); ++i) {
-      RowLogZ(xd + i * v, v, mx[i], lz[i]);
-      const int64_t t = TargetColumn(td[i], v);
-      tl[i] = t < 0 ? std::numeric_limits<float>::quiet_NaN() : xd[i * v + t];
-    }
+  gptjax::ParallelRows(pool, n, kRowsPerUnit, [&](int64_t i) {
+    RowLogZ(xd + i * v, v, mx[i], lz[i]);
+    const int64_t t = TargetColumn(td[i], v);
+    tl[i] = t < 0 ? std::numeric_limits<float>::quiet_NaN() : xd[i * v + t];
   });
   return ffi::Error::Success();
 }
@@ -116,12 +114,10 @@ ffi::Error LogZBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   const float *glz = g_log_z.typed_data(), *gt = g_target.typed_data();
   const int32_t* td = targets.typed_data();
   float* dxd = dlogits->typed_data();
-  gptjax::ParallelFor(pool, (n + kRowsPerUnit - 1) / kRowsPerUnit, [&](int64_t unit) {
-    for (int64_t i = unit * kRowsPerUnit; i < std::min(n, (unit + 1) * kRowsPerUnit); ++i) {
-      RowGrad(xd + i * v, dxd + i * v, v, lz[i], glz[i]);
-      const int64_t t = TargetColumn(td[i], v);
-      if (t >= 0) dxd[i * v + t] += gt[i];
-    }
+  gptjax::ParallelRows(pool, n, kRowsPerUnit, [&](int64_t i) {
+    RowGrad(xd + i * v, dxd + i * v, v, lz[i], glz[i]);
+    const int64_t t = TargetColumn(td[i], v);
+    if (t >= 0) dxd[i * v + t] += gt[i];
   });
   return ffi::Error::Success();
 }

@@ -1,5 +1,5 @@
-// Small float32 matrix products and a parallel-for on XLA's intra-op pool, shared by the
-// gptjax XLA:CPU custom calls (head_matmul.cc, attention.cc). Header-only; x86-64 AVX-512 code
+// Small float32 matrix products and parallel loops on XLA's intra-op pool, shared by the
+// gptjax XLA:CPU custom calls (gptjax/csrc/*.cc). Header-only; x86-64 AVX-512 code
 // paths are chosen at run time, with portable loops elsewhere.
 
 #ifndef GPTJAX_CSRC_GEMM_H_
@@ -234,6 +234,30 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t units,
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([drain] { drain(); });
   drain();
   while (state->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+}
+
+// Runs fn(i) for the rows i in [0, n), in blocks of `block` rows shared out by ParallelFor.
+inline void ParallelRows(xla::ffi::ThreadPool& pool, int64_t n, int64_t block,
+                         const std::function<void(int64_t)>& fn) {
+  ParallelFor(pool, (n + block - 1) / block, [&](int64_t b) {
+    for (int64_t i = b * block; i < std::min(n, (b + 1) * block); ++i) fn(i);
+  });
+}
+
+// ParallelRows whose fn(i, sums) also adds into `width` floats of its block's own. Returns the
+// blocks' sums added in block order: the bits do not depend on which thread ran which block.
+inline std::vector<float> ParallelRowsWithSums(
+    xla::ffi::ThreadPool& pool, int64_t n, int64_t block, int64_t width,
+    const std::function<void(int64_t, float*)>& fn) {
+  const int64_t blocks = (n + block - 1) / block;
+  std::vector<float> partial(blocks * width, 0.0f), total(width, 0.0f);
+  ParallelFor(pool, blocks, [&](int64_t b) {
+    for (int64_t i = b * block; i < std::min(n, (b + 1) * block); ++i)
+      fn(i, partial.data() + b * width);
+  });
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t j = 0; j < width; ++j) total[j] += partial[b * width + j];
+  return total;
 }
 
 // (P, Q) and strides of a rank-4 row-major array [B, P, H, Q] ("token-major") or [B, H, P, Q].

@@ -151,11 +151,9 @@ ffi::Error NormFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float *xd = x.typed_data(), *sd = scale.typed_data();
   const float* bd = has_bias ? bias.typed_data() : nullptr;
   float *yd = y->typed_data(), *md = mean->typed_data(), *rd = rstd->typed_data();
-  gptjax::ParallelFor(pool, (n + kRowsPerBlock - 1) / kRowsPerBlock, [&](int64_t blk) {
-    for (int64_t i = blk * kRowsPerBlock; i < std::min(n, (blk + 1) * kRowsPerBlock); ++i) {
-      RowStats(xd + i * d, d, eps, rms, md[i], rd[i]);
-      NormRowFwd(xd + i * d, sd, bd, yd + i * d, d, md[i], rd[i]);
-    }
+  gptjax::ParallelRows(pool, n, kRowsPerBlock, [&](int64_t i) {
+    RowStats(xd + i * d, d, eps, rms, md[i], rd[i]);
+    NormRowFwd(xd + i * d, sd, bd, yd + i * d, d, md[i], rd[i]);
   });
   return ffi::Error::Success();
 }
@@ -172,23 +170,13 @@ ffi::Error NormBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float *xd = x.typed_data(), *sd = scale.typed_data(), *dyd = dy.typed_data();
   const float *md = mean.typed_data(), *rd = rstd.typed_data();
   float* dxd = dx->typed_data();
-  const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
-  std::vector<float> partial(blocks * 2 * d, 0.0f);  // per block: dscale then dbias
-  gptjax::ParallelFor(pool, blocks, [&](int64_t blk) {
-    float* ps = partial.data() + blk * 2 * d;
-    for (int64_t i = blk * kRowsPerBlock; i < std::min(n, (blk + 1) * kRowsPerBlock); ++i)
-      NormRowBwd(xd + i * d, dyd + i * d, sd, dxd + i * d, ps, ps + d, d, md[i], rd[i], rms);
-  });
-  float *dsd = dscale->typed_data(), *dbd = dbias->typed_data();
-  std::fill(dsd, dsd + d, 0.0f);
-  std::fill(dbd, dbd + d, 0.0f);
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const float* ps = partial.data() + blk * 2 * d;
-    for (int64_t j = 0; j < d; ++j) {
-      dsd[j] += ps[j];
-      dbd[j] += ps[d + j];
-    }
-  }
+  // The column sums: dscale in [0, d), dbias in [d, 2d).
+  const std::vector<float> sums = gptjax::ParallelRowsWithSums(
+      pool, n, kRowsPerBlock, 2 * d, [&](int64_t i, float* s) {
+        NormRowBwd(xd + i * d, dyd + i * d, sd, dxd + i * d, s, s + d, d, md[i], rd[i], rms);
+      });
+  std::copy(sums.begin(), sums.begin() + d, dscale->typed_data());
+  std::copy(sums.begin() + d, sums.end(), dbias->typed_data());
   return ffi::Error::Success();
 }
 
