@@ -8,6 +8,7 @@ Any config field can be overridden: --config.train.steps=100 --config.model.num_
 """
 
 import importlib
+import re
 import sys
 
 from absl import app
@@ -51,7 +52,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every file they touch at INFO
+    # orbax and TFDS log through absl (every file at INFO, routine notes at WARNING); gptjax
+    # prints its own one-line notes, so they show only when --verbosity asks for them
+    logging.set_verbosity(logging.ERROR)
   config = _CONFIG.value
   if config is None:
     _fail("--config is required, e.g. --config=configs/gpt.py:small")
@@ -79,11 +82,29 @@ def parse_flags(argv):
   """Parses flags; a mistyped or ill-typed config field is one line, not a traceback."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+  except (AttributeError, KeyError) as e:
+    _fail(f"bad flag: {_unknown_field_message(str(e), argv)}")
+  except (TypeError, ValueError, flags.Error) as e:
     lines = [ln for ln in str(e).replace("\\n", "\n").splitlines() if ln.strip()]
     text = lines[-1] if "Traceback" in str(e) else " ".join(" ".join(lines).split())
     text = text.replace("\\'", "'").strip("'\"\\ ")
     _fail(f"bad flag: {text}")
+
+
+def _unknown_field_message(text: str, argv) -> str:
+  """'--config.model.nmu_layers is not a config field; did you mean config.model.num_layers?'"""
+  text = text.replace("\\n", "\n").replace("\\'", "'")
+  key = re.search(r"'([A-Za-z0-9_]+)'", text)
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  if not key:
+    return " ".join(text.split()).strip("'\"\\ ")
+  flag = next((a.split("=", 1)[0] for a in argv
+               if a.startswith("--config.") and a.split("=", 1)[0].endswith("." + key.group(1))),
+              f"--config...{key.group(1)}")
+  message = f"{flag} is not a config field"
+  if hint:
+    message += f"; did you mean {flag[2:].rsplit('.', 1)[0]}.{hint.group(1)}?"
+  return message
 
 
 if __name__ == "__main__":

@@ -1,22 +1,76 @@
 """Orbax checkpoints: train state, data-iterator state, config and tokenizer saved together.
 
 Layout: WORKDIR/checkpoints/<step>/{state, meta}. `meta` is JSON: the config, the
-grain iterator state, the tokenizer and the metrics at that step. The last
-`keep` checkpoints and the best one by `config.train.best_metric` are kept.
+grain iterator state, the tokenizer, the metrics at that step and `arrays`: the path,
+shape, dtype and CRC-32 of every saved array. Restoring checks the state's shapes
+against `arrays` before reading (a different shape is a config error, not corruption)
+and every array's CRC after; a checkpoint that fails to read or to match is set aside.
+The last `keep` checkpoints and the best one by `config.train.best_metric` are kept.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import re
+import zlib
 from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from gptjax.config_schema import ConfigError
+
+_TMP_SAVE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+def _short(e: Exception) -> str:
+  """An exception as a few words: its type and the first line of its message."""
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:120]}" if text else type(e).__name__
+
+
+def _crc32(array) -> int:
+  return zlib.crc32(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+
+
+def array_checksums(state: Any) -> Optional[dict[str, list]]:
+  """{path: [shape, dtype, crc32]} of every array in `state` (None when not all on this host)."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  if any(not getattr(x, "is_fully_addressable", True) for _, x in leaves):
+    return None  # multi-host shards: orbax's own per-chunk checks are all there is
+  host = jax.device_get([x for _, x in leaves])
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # zlib releases the GIL
+    crcs = list(pool.map(_crc32, host))
+  return {jax.tree_util.keystr(k): [list(np.shape(h)), str(np.asarray(h).dtype), c]
+          for (k, _), h, c in zip(leaves, host, crcs)}
+
+
+def _shape_mismatch(abstract_state: Any, arrays: dict) -> Optional[str]:
+  """The first array whose path or shape differs between the saved `arrays` and `abstract_state`."""
+  want = {jax.tree_util.keystr(k): list(v.shape)
+          for k, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  for name, shape in want.items():
+    if name not in arrays:
+      return f"{name} is not in the checkpoint"
+    if arrays[name][0] != shape:
+      return f"{name} has shape {tuple(arrays[name][0])} there, {tuple(shape)} here"
+  extra = sorted(set(arrays) - set(want))
+  return f"{extra[0]} is in the checkpoint but not in this model" if extra else None
+
+
+def _checksum_failure(state: Any, arrays: dict) -> Optional[str]:
+  """The first restored array whose CRC-32 differs from the one saved with it."""
+  got = array_checksums(state)
+  if got is None:
+    return None
+  for name, (_, _, crc) in got.items():
+    if name in arrays and arrays[name][2] != crc:
+      return f"array {name} does not match its saved checksum"
+  return None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -40,14 +94,19 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
-    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                         item_names=("state", "meta"))
+    ckpt_root = checkpoint_dir(workdir)
+    # saves a kill cut short (orbax removes them when that step is saved again)
+    self.incomplete_saves = sorted(int(m.group(1)) for m in map(
+        _TMP_SAVE.match, os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []) if m)
+    self.set_aside: list[tuple[int, str]] = []
+    self.manager = ocp.CheckpointManager(ckpt_root, options=options, item_names=("state", "meta"))
 
   def save(self, step: int, state: Any, meta: dict, metrics: Optional[dict] = None,
            force: bool = False) -> bool:
     """Starts saving `state` and `meta` at `step` (returns at once; the write is async)."""
     if metrics is not None and self.best_metric not in metrics:
       metrics = None
+    meta = dict(meta, arrays=array_checksums(state))
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics,
         force=force)
@@ -59,31 +118,55 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: Optional[int] = None):
     """Restores the newest readable checkpoint (or `step`): (step, state, meta), or None if none.
 
-    A checkpoint that fails to read is reported and the previous one is tried, so a latest
-    checkpoint cut short by a crash never costs the run. Unless read-only, the unreadable one is
-    moved (never deleted) to WORKDIR/corrupt_checkpoints/<step> so the run can save that step again.
+    A checkpoint that fails to read or to match its checksums gets one line and the previous one
+    is tried, so a latest checkpoint cut short by a crash never costs the run. Unless read-only,
+    the unreadable one is moved (never deleted) to WORKDIR/corrupt_checkpoints/<step>. A state of
+    another shape is a ConfigError: the config or the code changed, the files are fine.
     """
     candidates = [step] if step is not None else list(reversed(self.steps()))
     for s in candidates:
       try:
-        restored = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return s, restored["state"], restored["meta"]
+        meta = self.restore_meta(s)
       except Exception as e:  # pylint: disable=broad-except
-        message = " ".join(str(e).split())[:200]
-        logging.warning("checkpoint at step %d is unreadable (%s); trying the previous one", s,
-                        message)
-        print(f"warning: checkpoint at step {s} is incomplete or corrupt ({type(e).__name__}); "
-              "restoring the previous one", flush=True)
-        if not self.read_only and step is None:
-          self._set_aside(s)
+        self._unreadable(s, f"its meta cannot be read: {_short(e)}", step is None)
+        continue
+      arrays = meta.get("arrays") or {}
+      if arrays:
+        mismatch = _shape_mismatch(abstract_state, arrays)
+        if mismatch:
+          raise ConfigError(f"the checkpoint at step {s} in {self.workdir} does not fit this "
+                            f"model ({mismatch}); use a new --workdir, or --config.init_from="
+                            f"{self.workdir} to start from its weights")
+      try:
+        restored = self.manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+      except Exception as e:  # pylint: disable=broad-except
+        self._unreadable(s, _short(e), step is None)
+        continue
+      failure = _checksum_failure(restored["state"], arrays) if arrays else None
+      if failure:
+        self._unreadable(s, failure, step is None)
+        continue
+      return s, restored["state"], meta
     return None
 
-  def _set_aside(self, step: int) -> None:
+  def _unreadable(self, step: int, why: str, set_aside: bool) -> None:
+    """One line for a checkpoint that cannot be used; moved aside unless read-only."""
+    earlier = [s for s in self.steps() if s < step]
+    nxt = f"trying step {earlier[-1]}" if earlier else "no earlier checkpoint"
+    if self.read_only or not set_aside:
+      print(f"warning: checkpoint at step {step} is unreadable ({why}); {nxt}", flush=True)
+      return
+    dst = self._set_aside(step)
+    self.set_aside.append((step, why))
+    print(f"warning: checkpoint at step {step} is unreadable ({why}); moved it to {dst}; {nxt}",
+          flush=True)
+
+  def _set_aside(self, step: int) -> str:
     """Moves an unreadable checkpoint out of the manager's directory, keeping its files."""
     src = os.path.join(checkpoint_dir(self.workdir), str(step))
     if not os.path.isdir(src) or jax.process_index() != 0:
-      return
+      return src
     dst_root = os.path.join(self.workdir, "corrupt_checkpoints")
     os.makedirs(dst_root, exist_ok=True)
     dst = os.path.join(dst_root, str(step))
@@ -91,8 +174,8 @@ class Checkpointer:
     while os.path.exists(dst):
       dst, n = os.path.join(dst_root, f"{step}.{n}"), n + 1
     os.rename(src, dst)
-    print(f"warning: moved the unreadable checkpoint to {dst}", flush=True)
     self.manager.reload()
+    return dst
 
   def restore_meta(self, step: int) -> dict:
     """Only the JSON meta of a checkpoint."""
@@ -129,26 +212,24 @@ def restore_for_inference(workdir: str):
     try:
       meta = ckpt.restore_meta(s)
       break
-    except Exception:  # pylint: disable=broad-except
-      continue
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"warning: checkpoint at step {s} is unreadable (its meta: {_short(e)}); trying the "
+            "previous one", flush=True)
   if meta is None:
     raise FileNotFoundError(f"no readable checkpoint in {workdir}")
   config = config_from_meta(meta)
   cfg = ModelConfig.from_config(config.model)
   target_len = config.data.target_len if cfg.family == "encoder_decoder" else 0
   abstract, _ = finetune_state.abstract_state(config, cfg, 8, target_len or 8)
-  result = None
-  for s in reversed(steps):
-    try:
-      restored = ckpt.manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))
-      result = finetune_state.merged_params(config, restored["state"].params)
+  restored = None
+  for s in reversed([s for s in steps if s <= meta["step"]]):
+    restored = ckpt.restore(abstract, step=s)
+    if restored is not None:
       break
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"warning: checkpoint at step {s} is unreadable ({type(e).__name__}); trying the "
-            "previous one", flush=True)
-  if result is None:
+  if restored is None:
     raise FileNotFoundError(f"no readable checkpoint in {workdir}")
+  result = finetune_state.merged_params(config, restored[1].params)
+  meta = restored[2]
   tokenizer = tokenization.tokenizer_from_json(meta["tokenizer"]) if meta.get("tokenizer") else \
       tokenization.load_or_train_tokenizer(config, workdir)
   return config, result, tokenizer

@@ -8,6 +8,7 @@ and names the field.
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
@@ -20,6 +21,16 @@ ACTIVATIONS = ("gelu", "gelu_exact", "relu", "gated_gelu", "swiglu")
 ATTENTION_IMPLS = ("einsum", "dot_product")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+QUANTIZE_KINDS = ("", "int8")
+
+
+def cache_dir() -> str:
+  """gptjax's one cache folder (data, tokenizers, token arrays, kernels): $GPTJAX_CACHE.
+
+  The kernel cache's old name, $GPTJAX_CACHE_DIR, is still read when $GPTJAX_CACHE is unset.
+  """
+  path = os.environ.get("GPTJAX_CACHE") or os.environ.get("GPTJAX_CACHE_DIR") or "~/.cache/gptjax"
+  return os.path.expanduser(path)
 
 
 class ConfigError(ValueError):
@@ -221,16 +232,42 @@ def validate_lengths(c: ml_collections.ConfigDict) -> None:
             f"config.model.max_len={m.max_len}; lower it or raise max_len")
 
 
+def _at_least(path: str, value, low) -> None:
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+    raise ConfigError(f"{path}={value} must be a number >= {low}")
+
+
+def validate_numbers(c: ml_collections.ConfigDict) -> None:
+  """Counts, rates and sizes that would fail late (or train uphill) if left unchecked."""
+  tr, d = c.train, c.data
+  for name in ("steps", "grad_accum", "log_every", "ckpt_every", "keep"):
+    _at_least(f"config.train.{name}", tr[name], 1)
+  for name in ("eval_every", "eval_steps", "warmup_steps", "decay_steps", "weight_decay",
+               "grad_clip"):
+    _at_least(f"config.train.{name}", tr[name], 0)
+  lr = tr.learning_rate
+  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    raise ConfigError(f"config.train.learning_rate={lr} must be a positive finite number "
+                      "(e.g. 1e-3)")
+  for name in ("min_lr_ratio", "b1", "b2"):
+    if not (isinstance(tr[name], (int, float)) and 0.0 <= tr[name] <= 1.0):
+      raise ConfigError(f"config.train.{name}={tr[name]} must be in [0, 1]")
+  for name in ("batch_size", "eval_batch_size", "seq_len"):
+    _at_least(f"config.data.{name}", d[name], 1)
+  for name in ("max_docs", "target_len", "num_workers"):
+    _at_least(f"config.data.{name}", d[name], 0)
+  if c.quantize not in QUANTIZE_KINDS:
+    raise ConfigError(f"config.quantize={c.quantize!r} is not supported; allowed: "
+                      f"{', '.join(repr(k) for k in QUANTIZE_KINDS)}")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """All start-up checks that need only the config."""
   from gptjax import batch_spec  # pylint: disable=g-import-not-at-top
   validate_model(c.model)
   _one_of("config.train.schedule", c.train.schedule, ("cosine", "linear", "constant"))
   _one_of("config.parallelism.mode", c.parallelism.mode, ("mesh", "pmap"))
-  if c.train.steps < 1:
-    raise ConfigError(f"config.train.steps={c.train.steps} must be at least 1")
-  if c.train.grad_accum < 1:
-    raise ConfigError(f"config.train.grad_accum={c.train.grad_accum} must be at least 1")
+  validate_numbers(c)
   batch_spec.check_family_objective(c.model.family, c.objective)
   if c.objective == "instruction" and not c.finetune.instruction_data:
     raise ConfigError("config.objective='instruction' needs config.finetune.instruction_data="

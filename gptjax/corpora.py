@@ -70,8 +70,8 @@ def raw_data_dir(configured: str = "") -> str:
 
 def tfds_dir(configured: str = "") -> str:
   """Where TFDS keeps built array_record datasets."""
-  cache = os.environ.get("GPTJAX_CACHE", os.path.expanduser("~/.cache/gptjax"))
-  return configured or os.path.join(cache, "tfds")
+  from gptjax.config_schema import cache_dir  # pylint: disable=g-import-not-at-top
+  return configured or os.path.join(cache_dir(), "tfds")
 
 
 def raw_file(relative: str, raw_dir: str) -> str:
@@ -168,6 +168,40 @@ def _contiguous_splits(docs: list, fractions=(0.9, 0.05, 0.05)) -> dict:
   return {"train": docs[:a], "validation": docs[a:b], "test": docs[b:]}
 
 
+def _jsonl_docs(path: str, text: str) -> list[dict]:
+  """Records of a .jsonl file; a line that is not JSON or has no string `text` is one line."""
+  docs = []
+  for n, line in enumerate(text.split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      r = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}:{n} is not valid JSON ({e.msg}, column {e.colno}); fix or remove "
+                        "that line") from None
+    if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+      raise ConfigError(f"{path}:{n} has no string 'text' field; every .jsonl record needs "
+                        "{\"text\": ...} (and optionally \"label\")")
+    docs.append(_doc(r["text"], int(r.get("label", -1))))
+  return docs
+
+
+def _split_few_documents(docs: list[dict], split: str, text_files: str) -> list[dict]:
+  """Train/validation of 20 or fewer documents: the last 5% of the characters are held out."""
+  if any(int(d["label"]) >= 0 for d in docs):
+    raise ConfigError(f"config.data.text_files={text_files!r} has only {len(docs)} labelled "
+                      "records; give at least 21 so that some can be held out for validation")
+  text = "\n\n".join(d["text"] for d in docs)
+  cut = int(len(text) * 0.95)
+  boundary = max(text.rfind("\n", 0, cut), text.rfind(" ", 0, cut))
+  cut = boundary if boundary > len(text) * 0.8 else cut
+  train, held_out = text[:cut].strip(), text[cut:].strip()
+  if not train or not held_out:
+    raise ConfigError(f"config.data.text_files={text_files!r} is too short to hold out a "
+                      "validation split; give more text")
+  return [_doc(train)] if split == "train" else [_doc(held_out)] if split == "validation" else []
+
+
 def load_documents(corpus: str, split: str, raw_dir: str, text_files: str = "",
                    stats: dict | None = None) -> list[dict]:
   """Documents of `corpus`/`split` straight from the raw files (what the builders store)."""
@@ -179,13 +213,12 @@ def load_documents(corpus: str, split: str, raw_dir: str, text_files: str = "",
     docs = []
     for p in paths:
       if p.endswith(".jsonl"):
-        for line in read_text(p, stats).split("\n"):
-          if line.strip():
-            r = json.loads(line)
-            docs.append(_doc(r.get("text", ""), int(r.get("label", -1))))
+        docs.extend(_jsonl_docs(p, read_text(p, stats)))
       else:
         docs.extend(_doc(d) for d in shakespeare_docs(read_text(p, stats)))
-    return _contiguous_splits(docs, (0.95, 0.05, 0.0))[split] if len(docs) > 20 else docs
+    if len(docs) > 20:
+      return _contiguous_splits(docs, (0.95, 0.05, 0.0))[split]
+    return _split_few_documents(docs, split, text_files)
   if corpus not in RAW_FILES:
     raise ConfigError(f"config.data.corpus={corpus!r} is unknown; allowed: "
                       f"{', '.join(list(RAW_FILES) + ['text_files'])} or a prepared TFDS name")
@@ -225,6 +258,12 @@ class GptjaxCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       super().__init__(config=tfds.core.BuilderConfig(name=f"raw_{fp}"), **kwargs)
     finally:
       absl_logger.setLevel(level)
+
+  def _log_download_bytes(self) -> None:  # TFDS prints "Downloading and preparing ..." on stdout
+    print(f"preparing corpus {self.corpus!r} once into {self.data_dir}", flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -271,10 +310,17 @@ def data_source(config, split: str):
   """A random-access source of documents, built once into array_record files."""
   d = config.data
   if not is_builtin(d.corpus):
+    offline = bool(os.environ.get("GPTJAX_OFFLINE"))
     try:  # a dataset the user prepared with TFDS
-      return tfds.data_source(d.corpus, split=split, data_dir=d.tfds_data_dir or None)
+      return tfds.data_source(d.corpus, split=split, data_dir=d.tfds_data_dir or None,
+                              download=not offline)
     except Exception as e:  # pylint: disable=broad-except
       msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+      if offline:
+        raise ConfigError(f"config.data.corpus={d.corpus!r} is not prepared under "
+                          f"{d.tfds_data_dir or 'TFDS default data_dir'} and GPTJAX_OFFLINE=1 "
+                          "forbids downloading it; prepare it there first (tfds build) or unset "
+                          f"GPTJAX_OFFLINE ({msg[:100]})") from e
       raise ConfigError(f"config.data.corpus={d.corpus!r} is neither a gptjax corpus nor a "
                         f"prepared TFDS dataset under config.data.tfds_data_dir ({msg})") from e
   builder = _builder(config)

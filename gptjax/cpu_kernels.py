@@ -19,7 +19,7 @@ these kernels replace them:
   the logits forward and one backward (csrc/cross_entropy.cc).
 
 All share their work out over XLA's intra-op threads. They are compiled on first
-use with the system's C++ compiler into a per-user cache (`$GPTJAX_CACHE_DIR`, default
+use with the system's C++ compiler into gptjax's cache (`$GPTJAX_CACHE`, default
 `~/.cache/gptjax`), like a PyTorch C++ extension; `make install` builds them ahead of time
 (`python -m gptjax.cpu_kernels`). Without a compiler, on any other backend, for dtypes other
 than float32, or with GPTJAX_NO_CPU_KERNELS=1, gptjax.layers uses its jnp formulations.
@@ -58,8 +58,9 @@ LOGZ_FWD, LOGZ_BWD = "gptjax_log_z_fwd", "gptjax_log_z_bwd"
 
 
 def cache_dir() -> pathlib.Path:
-  """Where compiled kernels are kept: $GPTJAX_CACHE_DIR, else ~/.cache/gptjax."""
-  return pathlib.Path(os.environ.get("GPTJAX_CACHE_DIR", "~/.cache/gptjax")).expanduser()
+  """Where compiled kernels are kept: gptjax's cache ($GPTJAX_CACHE, else ~/.cache/gptjax)."""
+  from gptjax import config_schema  # pylint: disable=g-import-not-at-top
+  return pathlib.Path(config_schema.cache_dir())
 
 
 def _compiler() -> Optional[str]:
@@ -78,6 +79,9 @@ def build_library(verbose: bool = False) -> pathlib.Path:
   out = cache_dir() / f"cpu_kernels-{key}.so"
   if out.exists():
     return out
+  prebuilt = pathlib.Path("~/.cache/gptjax").expanduser() / out.name  # `make install`'s build
+  if prebuilt.exists():
+    return prebuilt
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     tmp_so = pathlib.Path(tmp) / out.name

@@ -123,7 +123,7 @@ def read_labelled_tsv(path: str, limit: int = 0) -> tuple[list[str], list[int]]:
 
 def load_model(config, workdir: str = ""):
   """(model, params, tokenizer) from config.init_from=hf:DIR, a gptjax workdir, or `workdir`."""
-  source = config.init_from or workdir
+  source = config.init_from or workdir or ""
   if source.startswith("hf:"):
     from gptjax import hf_import  # pylint: disable=g-import-not-at-top
     import tokenizers  # pylint: disable=g-import-not-at-top

@@ -76,7 +76,10 @@ def read_prompts(flag_values) -> list[str]:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"--prompts_file={path} does not exist")
     with open(path, encoding="utf-8") as f:
-      prompts += [ln.rstrip("\n").replace("\\n", "\n") for ln in f if ln.strip()]
+      from_file = [ln.rstrip("\n").replace("\\n", "\n") for ln in f if ln.strip()]
+    if not from_file:
+      raise ConfigError(f"--prompts_file={path} has no non-blank line; put one prompt per line")
+    prompts += from_file
   if not prompts:
     raise ConfigError("--mode=generate needs --prompt=TEXT or --prompts_file=FILE")
   if any(not p for p in prompts):

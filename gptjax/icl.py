@@ -154,6 +154,10 @@ def evaluate_icl(model, params, tokenizer, examples: Sequence[tuple[str, int]],
                for i, (t, _) in enumerate(examples)]
     scores = score_options(model, params, prompts, option_ids, pad, start, batch_size)
     result[f"acc@{k}"] = float(np.mean(np.argmax(scores, axis=1) == gold))
+    # score_options keeps the end of a prompt longer than the model's context
+    room = model.cfg.max_len - (max(len(o) for o in option_ids)
+                                if model.cfg.family == "decoder_only" else 0)
+    result[f"cut@{k}"] = float(np.mean([len(p) > room for p in prompts]))
   return result
 
 
@@ -188,4 +192,8 @@ def main(config, workdir: str, flag_values) -> None:
   print(f"sst2 dev, {result['examples']} examples, label words {'/'.join(SST2_LABELS)}")
   print(f"majority-class baseline: {result['majority']:.3f}")
   for k in shots:
-    print(f"{k}-shot accuracy: {result[f'acc@{k}']:.3f}")
+    cut = result[f"cut@{k}"]
+    note = (f"  ({100 * cut:.0f}% of these prompts exceed config.model.max_len="
+            f"{ckpt_config.model.max_len} and lost their first tokens: fewer than {k} "
+            "demonstrations were seen)") if cut else ""
+    print(f"{k}-shot accuracy: {result[f'acc@{k}']:.3f}{note}")

@@ -22,26 +22,31 @@ import jax
 import numpy as np
 
 from gptjax import corpora, finetune, masking
-from gptjax.config_schema import ConfigError
+from gptjax.config_schema import ConfigError, cache_dir
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 # ------------------------------------------------------------------ tokenized corpora
-def _cache_path(config, tokenizer, split: str, what: str) -> str:
-  cache = os.environ.get("GPTJAX_CACHE", os.path.expanduser("~/.cache/gptjax"))
-  key = hashlib.sha256("|".join([tokenizer.fingerprint, config.data.corpus, config.data.text_files,
-                                 corpora.raw_data_dir(config.data.raw_dir), split, what]).encode())
-  return os.path.join(cache, "tokens", key.hexdigest()[:20] + ".npz")
+_TOKEN_CACHE_FORMAT = "2"
+
+
+def _cache_path(config, tokenizer, split: str, what: str, corpus_fp: str) -> str:
+  """The token cache file: keyed on the tokenizer, the corpus's content and every data setting
+  that changes which documents are read (max_docs)."""
+  key = hashlib.sha256("|".join([_TOKEN_CACHE_FORMAT, tokenizer.fingerprint, config.data.corpus,
+                                 config.data.text_files, corpus_fp, str(config.data.max_docs),
+                                 split, what]).encode())
+  return os.path.join(cache_dir(), "tokens", key.hexdigest()[:20] + ".npz")
 
 
 @functools.lru_cache(maxsize=16)
-def _tokenized(config_json: str, tokenizer_json: str, split: str, what: str):
+def _tokenized(config_json: str, tokenizer_json: str, split: str, what: str, corpus_fp: str):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from gptjax import tokenization  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(__import__("json").loads(config_json))
   tokenizer = tokenization.tokenizer_from_json(tokenizer_json)
-  path = _cache_path(config, tokenizer, split, what)
+  path = _cache_path(config, tokenizer, split, what, corpus_fp)
   if os.path.exists(path):
     with np.load(path) as z:
       return {k: z[k] for k in z.files}
@@ -79,25 +84,28 @@ def _tokenized(config_json: str, tokenizer_json: str, split: str, what: str):
 
 
 def tokenized(config, tokenizer, split: str, what: str) -> dict:
-  """Token arrays of a split (cached on disk by tokenizer and corpus)."""
-  return _tokenized(config.to_json_best_effort(), tokenizer.to_json(), split, what)
+  """Token arrays of a split (cached on disk by tokenizer, corpus content and max_docs)."""
+  return _tokenized(config.to_json_best_effort(), tokenizer.to_json(), split, what,
+                    data_fingerprint(config))
 
 
 def data_fingerprint(config) -> str:
-  """sha256 prefix over the raw files of the configured corpus."""
-  h = hashlib.sha256(config.data.corpus.encode())
-  raw = corpora.raw_data_dir(config.data.raw_dir)
-  files = [(rel, os.path.join(raw, rel))
-           for rel in sorted(corpora.RAW_FILES.get(config.data.corpus, {}).values())]
+  """sha256 prefix over the full content of the files the run's documents come from.
+
+  gptjax corpora and `text_files`: their raw files; instruction tuning: its JSONL files; a TFDS
+  dataset prepared by name: its name and folder (TFDS versions its own builds).
+  """
+  d = config.data
   if config.objective == "instruction":
-    f = config.finetune
-    files = [(os.path.basename(p), p) for p in (f.instruction_data, f.instruction_eval_data) if p]
-  for rel, path in files:
-    if os.path.exists(path):
-      h.update(f"{rel}:{os.path.getsize(path)}".encode())
-      with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-  return h.hexdigest()[:16]
+    h = hashlib.sha256(b"instruction")
+    for path in (config.finetune.instruction_data, config.finetune.instruction_eval_data):
+      if path and os.path.exists(path):
+        with open(path, "rb") as f:
+          h.update(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode() + f.read())
+    return h.hexdigest()[:16]
+  if corpora.is_builtin(d.corpus):
+    return corpora.raw_fingerprint(d.corpus, corpora.raw_data_dir(d.raw_dir), d.text_files)
+  return hashlib.sha256(f"{d.corpus}@{d.tfds_data_dir}".encode()).hexdigest()[:16]
 
 
 def _instruction_records(config, split: str) -> list[dict]:

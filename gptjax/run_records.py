@@ -32,10 +32,22 @@ def fingerprint_text(text: str) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_manifest(workdir: str, config, extra: dict[str, Any]) -> str:
+def read_manifest(workdir: str) -> dict:
+  """WORKDIR/manifest.json as a dict ({} when absent or unreadable)."""
+  try:
+    with open(os.path.join(workdir, "manifest.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def write_manifest(workdir: str, config, extra: dict[str, Any],
+                   changes: Optional[dict] = None) -> str:
   """Writes WORKDIR/manifest.json: config, commit, versions, devices, data and tokenizer fingerprints.
 
-  A resumed run appends to `resumes` instead of overwriting what the first start recorded.
+  A resumed run keeps what the first start recorded, sets `config` to the config now running and
+  appends to `history` when it started, from which step, and the fields it changed
+  (`changes`: {field: [old, new]}, the ones gptjax/resume_check.py allows).
   """
   path = os.path.join(workdir, "manifest.json")
   import flax, optax, orbax.checkpoint, grain  # pylint: disable=g-import-not-at-top,multiple-imports
@@ -54,11 +66,12 @@ def write_manifest(workdir: str, config, extra: dict[str, Any]) -> str:
       "host": platform.node(),
       **extra,
   }
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    old.setdefault("resumes", []).append({"started": now, "git_commit": record["git_commit"],
-                                          "command": record["command"]})
+  old = read_manifest(workdir)
+  if old:
+    old.setdefault("history", []).append({
+        "started": now, "git_commit": record["git_commit"], "command": record["command"],
+        "from_step": extra.get("resumed_from_step", 0), "changed": changes or {}})
+    old["config"] = record["config"]
     record = old
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -85,11 +98,23 @@ class MetricsWriter:
       self._tb = None
 
   def _truncate_after(self, step: int) -> None:
-    """On resume, drop records past the restored step so the file reads like one straight run."""
+    """On resume, drop records past the restored step so the file reads like one straight run.
+
+    Records are never dropped at or below `step`: a run starting over at step 0 in a workdir with
+    a history moves that history aside to metrics.before_restart[.N].jsonl.
+    """
     if not os.path.exists(self.path):
       return
     with open(self.path, encoding="utf-8") as f:
       lines = [ln for ln in f if ln.strip()]
+    if step == 0 and lines:
+      dst, n = os.path.join(os.path.dirname(self.path), "metrics.before_restart.jsonl"), 1
+      while os.path.exists(dst):
+        dst, n = os.path.join(os.path.dirname(self.path), f"metrics.before_restart.{n}.jsonl"), n + 1
+      os.replace(self.path, dst)
+      print(f"note: this run starts at step 0; the earlier metrics.jsonl is kept as {dst}",
+            flush=True)
+      return
     keep = []
     for ln in lines:
       try:

@@ -202,8 +202,13 @@ def check_roles(tokenizer: TextTokenizer, objective: str, family: str) -> None:
 
 
 def _cache_dir() -> str:
-  return os.path.join(os.environ.get("GPTJAX_CACHE", os.path.expanduser("~/.cache/gptjax")),
-                      "tokenizers")
+  from gptjax.config_schema import cache_dir  # pylint: disable=g-import-not-at-top
+  return os.path.join(cache_dir(), "tokenizers")
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  root = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(root) and any(n.isdigit() for n in os.listdir(root))
 
 
 def _check_fits(tok: TextTokenizer, config, source: str) -> None:
@@ -233,7 +238,9 @@ def load_or_train_tokenizer(config, workdir: Optional[str] = None) -> TextTokeni
   own = os.path.join(workdir, "tokenizer.json") if workdir else ""
   # a pretrained body (config.init_from) only makes sense with the vocabulary it was trained on
   path = t.path or _init_from_tokenizer_path(config.init_from)
-  if own and os.path.exists(own):
+  # a workdir's tokenizer.json counts once a checkpoint was trained with it (a run that failed
+  # before its first save may have left one behind)
+  if own and os.path.exists(own) and _has_checkpoint(workdir):
     tok, source = load_tokenizer_file(own), own
   elif path:
     tok, source = load_tokenizer_file(path, lowercase=t.kind != "wordpiece_cased"), path
@@ -259,6 +266,6 @@ def load_or_train_tokenizer(config, workdir: Optional[str] = None) -> TextTokeni
       tok = train_tokenizer(t.kind, texts, t.vocab_size, t.num_sentinels, config.model.family)
       tok.save(os.path.dirname(cached))
   _check_fits(tok, config, source)
-  if workdir and not os.path.exists(own):
+  if workdir and source != own:
     tok.save(workdir)
   return tok

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gptjax import (checkpointing, finetune_state, flops, models, objectives, run_records,
-                    sharding, train_step)
+from gptjax import (checkpointing, finetune_state, flops, models, objectives, resume_check,
+                    run_records, sharding, train_step, workdir_guard)
 from gptjax.config_schema import ConfigError
 from gptjax.layers import ModelConfig
 
@@ -122,8 +122,11 @@ def _graft(fresh, given, source: str):
 
 
 # ============================================================================ setup
-def setup(config, workdir: str):
-  """Everything before the first step: devices, tokenizer, data, model, optimizer, state."""
+def setup(config, workdir: str, tokenizer=None):
+  """Everything before the first step: devices, tokenizer, data, model, optimizer, state.
+
+  `tokenizer`: the one a resumed checkpoint was trained with (else loaded or trained here).
+  """
   from gptjax import input_pipeline, tokenization  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(config.parallelism)
   cfg = ModelConfig.from_config(config.model)
@@ -133,8 +136,13 @@ def setup(config, workdir: str):
   if pmap and config.data.batch_size % (jax.device_count() * config.train.grad_accum):
     raise ConfigError(f"config.data.batch_size={config.data.batch_size} does not divide over "
                       f"{jax.device_count()} devices for parallelism.mode='pmap'")
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer = tokenization.load_or_train_tokenizer(config, workdir)
+  workdir_guard.prepare_workdir(workdir)
+  if tokenizer is None:
+    tokenizer = tokenization.load_or_train_tokenizer(config, workdir)
+  elif not os.path.exists(os.path.join(workdir, "tokenizer.json")) or \
+      tokenization.load_tokenizer_file(os.path.join(workdir, "tokenizer.json")).fingerprint != \
+      tokenizer.fingerprint:
+    tokenizer.save(workdir)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.model.vocab_size="
                       f"{cfg.vocab_size}; raise vocab_size or lower config.data.tokenizer.vocab_size")
@@ -166,14 +174,31 @@ def initial_state(config, cfg: ModelConfig, mesh, given_params=None):
 
 # ============================================================================ train
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
-  cfg, mesh, tokenizer, input_pipeline = setup(config, workdir)
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics.
+
+  The workdir is made (or refused in one line) and locked against a second writer first.
+  """
+  sharding.initialize_distributed(config.parallelism)
+  workdir_guard.prepare_workdir(workdir)
+  with (workdir_guard.WorkdirLock(workdir) if jax.process_index() == 0
+        else contextlib.nullcontext()):
+    return _train_locked(config, workdir)
+
+
+def _train_locked(config, workdir: str) -> dict[str, float]:
+  """train_and_evaluate once the workdir is this run's alone."""
+  ckpt = checkpointing.Checkpointer(workdir, config.train.keep, config.train.best_metric)
+  meta, safe_changes = resume_check.resume_plan(config, workdir, ckpt)
+  from gptjax import tokenization  # pylint: disable=g-import-not-at-top
+  resumed_tokenizer = tokenization.tokenizer_from_json(meta["tokenizer"]) \
+      if meta and meta.get("tokenizer") else None
+  cfg, mesh, tokenizer, input_pipeline = setup(config, workdir, resumed_tokenizer)
   pmap = config.parallelism.mode == "pmap"
   is_main = jax.process_index() == 0
   seq_len, target_len = config.data.seq_len, _target_len(config)
 
   # ---------------------------------------------------------------- state
-  ckpt = checkpointing.Checkpointer(workdir, config.train.keep, config.train.best_metric)
+  had_checkpoints = bool(ckpt.steps())
   given_params = None
   if not ckpt.steps() and config.init_from:
     abstract_params = jax.eval_shape(lambda: nn.meta.unbox(
@@ -187,10 +212,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if restored is not None:
       start_step, state, meta = restored
       _iterator_state_from_json(train_iter, meta["data_state"])
-      if is_main:
-        print(f"resumed from {checkpointing.checkpoint_dir(workdir)} at step {start_step}",
-              flush=True)
-  data_fp = getattr(input_pipeline, "data_fingerprint", lambda c: "")(config)
+  if is_main:
+    resume_check.print_resume(workdir, ckpt, start_step, had_checkpoints, safe_changes)
+  data_fp = input_pipeline.data_fingerprint(config)
   unigram = input_pipeline.unigram_loss(config, tokenizer) if config.objective == "next_token" \
       else None
   if is_main:
@@ -205,7 +229,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         "unigram_baseline_loss": unigram,
         "tokenizer_fingerprint": tokenizer.fingerprint, "data_fingerprint": data_fp,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
-        "resumed_from_step": start_step})
+        "resumed_from_step": start_step}, changes=safe_changes)
 
   if pmap:
     state = flax.jax_utils.replicate(jax.device_get(state))
@@ -236,7 +260,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   def save(step: int, metrics: Optional[dict] = None, force: bool = False):
     meta = {"config": config.to_json_best_effort(), "data_state": _iterator_state_to_json(train_iter),
-            "tokenizer": tokenizer.to_json(), "step": step, "metrics": metrics or {}}
+            "tokenizer": tokenizer.to_json(), "step": step, "metrics": metrics or {},
+            "data_fingerprint": data_fp}
     ckpt.save(step, host_state(), meta, metrics=metrics, force=force)
 
   # ---------------------------------------------------------------- loop
@@ -372,18 +397,16 @@ def evaluate_params(config, params, tokenizer, split: str = "validation",
 
 def evaluate_main(config, workdir: str, flag_values) -> None:
   """`run.py --mode=eval`: metrics of the latest checkpoint; with --config.quantize=int8 also int8."""
-  del flag_values
   saved_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
-  metrics = evaluate_params(saved_config, params, tokenizer, max_batches=config.train.eval_steps)
+  data_config = resume_check.eval_config(saved_config, config, flag_values)
+  metrics = evaluate_params(data_config, params, tokenizer, max_batches=config.train.eval_steps)
   print("float32: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
   if config.quantize == "int8":
     from gptjax import quantize  # pylint: disable=g-import-not-at-top
     qtree = quantize.quantize_params(params)
     report = quantize.memory_report(params, qtree)
-    q_metrics = evaluate_params(saved_config, quantize.dequantize(qtree), tokenizer,
+    q_metrics = evaluate_params(data_config, quantize.dequantize(qtree), tokenizer,
                                 max_batches=config.train.eval_steps)
     print("int8:    " + "  ".join(f"{k}={v:.4f}" for k, v in q_metrics.items()))
     print(report["summary"])
     print(f"int8 change: loss {q_metrics['loss'] - metrics['loss']:+.4f}")
-  elif config.quantize:
-    raise ConfigError(f"config.quantize={config.quantize!r} is not supported; allowed: '', 'int8'")
