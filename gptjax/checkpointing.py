@@ -98,7 +98,7 @@ class Checkpointer:
     # saves a kill cut short (orbax removes them when that step is saved again)
     self.incomplete_saves = sorted(int(m.group(1)) for m in map(
         _TMP_SAVE.match, os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []) if m)
-    self.set_aside: list[tuple[int, str]] = []
+    self.set_aside: list[tuple[int, str, str]] = []
     self.manager = ocp.CheckpointManager(ckpt_root, options=options, item_names=("state", "meta"))
 
   def save(self, step: int, state: Any, meta: dict, metrics: Optional[dict] = None,
@@ -151,16 +151,14 @@ class Checkpointer:
     return None
 
   def _unreadable(self, step: int, why: str, set_aside: bool) -> None:
-    """One line for a checkpoint that cannot be used; moved aside unless read-only."""
-    earlier = [s for s in self.steps() if s < step]
-    nxt = f"trying step {earlier[-1]}" if earlier else "no earlier checkpoint"
+    """A checkpoint that cannot be used: one line when read-only, else moved aside and listed in
+    `self.set_aside` (the trainer reports it in its one resume line)."""
     if self.read_only or not set_aside:
+      earlier = [s for s in self.steps() if s < step]
+      nxt = f"trying step {earlier[-1]}" if earlier else "no earlier checkpoint"
       print(f"warning: checkpoint at step {step} is unreadable ({why}); {nxt}", flush=True)
       return
-    dst = self._set_aside(step)
-    self.set_aside.append((step, why))
-    print(f"warning: checkpoint at step {step} is unreadable ({why}); moved it to {dst}; {nxt}",
-          flush=True)
+    self.set_aside.append((step, why, self._set_aside(step)))
 
   def _set_aside(self, step: int) -> str:
     """Moves an unreadable checkpoint out of the manager's directory, keeping its files."""

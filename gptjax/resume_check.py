@@ -87,6 +87,12 @@ def data_changed_error(workdir: str, step: int, saved_fp: str, current_fp: str) 
       f"--workdir (with --config.init_from={workdir} to keep the weights) or restore the files")
 
 
+def has_saved_step(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds at least one saved step."""
+  root = checkpointing.checkpoint_dir(workdir)
+  return os.path.isdir(root) and any(n.isdigit() for n in os.listdir(root))
+
+
 def check_init_from(source: str) -> None:
   """One line, before anything is written, when `config.init_from` names nothing usable."""
   if source.startswith("hf:"):
@@ -94,8 +100,7 @@ def check_init_from(source: str) -> None:
       raise ConfigError(f"config.init_from={source!r} has no config.json; give a Hugging Face "
                         "folder (config.json + model.safetensors)")
     return
-  root = checkpointing.checkpoint_dir(source)
-  if not os.path.isdir(root) or not any(n.isdigit() for n in os.listdir(root)):
+  if not has_saved_step(source):
     raise ConfigError(f"config.init_from={source!r} has no checkpoints/ folder with a saved step; "
                       "give a trained gptjax workdir or hf:DIR")
 
@@ -132,7 +137,8 @@ def resume_plan(config, workdir: str, ckpt) -> tuple[Optional[dict], dict]:
 
 def print_resume(workdir: str, ckpt, start_step: int, had_checkpoints: bool, changes: dict):
   """One line on where the run starts, when the user should know: resumed, set aside, changed."""
-  notes = [f"set aside the unreadable checkpoint of step {s} ({why})" for s, why in ckpt.set_aside]
+  notes = [f"moved the unreadable checkpoint of step {s} to {dst} ({why})"
+           for s, why, dst in ckpt.set_aside]
   notes += [f"discarded an incomplete save of step {s}" for s in ckpt.incomplete_saves
             if s > start_step]
   if changes:

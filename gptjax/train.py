@@ -179,6 +179,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   The workdir is made (or refused in one line) and locked against a second writer first.
   """
   sharding.initialize_distributed(config.parallelism)
+  if config.init_from and not resume_check.has_saved_step(workdir):
+    resume_check.check_init_from(config.init_from)  # before anything is written
   workdir_guard.prepare_workdir(workdir)
   with (workdir_guard.WorkdirLock(workdir) if jax.process_index() == 0
         else contextlib.nullcontext()):

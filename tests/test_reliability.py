@@ -1,0 +1,422 @@
+"""Issue 17: a resumed run never silently changes model, data or vocabulary; one writer per workdir;
+bad values and broken files are one line (exit 2) before anything compiles; library logs stay quiet.
+
+Each test runs the command (or the call run.py makes), then checks the exit code or ConfigError,
+the one line, and the files left on disk. W is one tiny GPT run of 10 steps shared by the module.
+"""
+
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from gptjax import (checkpointing, config_schema, corpora, input_pipeline, resume_check,
+                    tokenization, train, workdir_guard)
+from gptjax.config_schema import ConfigError
+
+TINY = {"train.log_every": 1, "train.eval_every": 0, "train.progress": False,
+        "train.ckpt_every": 5, "train.steps": 10}
+
+
+def _cli(cache, *args, timeout=240):
+  """run.py with gpt:tiny; returns (returncode, stdout, stderr)."""
+  env = dict(os.environ, GPTJAX_CACHE=str(cache))
+  cmd = [sys.executable, str(REPO / "run.py"), "--config=configs/gpt.py:tiny",
+         "--config.train.progress=False", *args]
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+  return r.returncode, r.stdout, r.stderr
+
+
+def _one_error_line(stderr: str) -> str:
+  lines = [l for l in stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+  return lines[0]
+
+
+def _tree(path: pathlib.Path) -> dict:
+  """Every file under `path` with its bytes (to show nothing changed), the lock's PID aside."""
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+          if p.is_file() and p.name != ".lock"}
+
+
+def _steps(path) -> list:
+  return [json.loads(l)["step"] for l in open(path / "metrics.jsonl") if l.strip()]
+
+
+@pytest.fixture(scope="module", name="trained")
+def _trained(tmp_path_factory, data_cache):
+  """W: 10 steps of gpt:tiny (checkpoints 5 and 10) through the CLI, on a fresh cache."""
+  w = tmp_path_factory.mktemp("rel") / "W"
+  code, out, err = _cli(data_cache, f"--workdir={w}", "--config.train.steps=10",
+                        "--config.train.ckpt_every=5", "--config.train.eval_every=0",
+                        "--config.train.log_every=1")
+  assert code == 0, err[-3000:]
+  return w, out, err
+
+
+def _copy(trained, tmp_path) -> pathlib.Path:
+  dst = tmp_path / "W"
+  shutil.copytree(trained[0], dst, ignore=shutil.ignore_patterns(".lock"))
+  return dst
+
+
+# ------------------------------------------------------------------ 1. resume with another config
+def test_resume_with_a_changed_model_is_one_line_and_keeps_everything(trained, tmp_path, data_cache):
+  w = _copy(trained, tmp_path)
+  before = _tree(w)
+  code, out, err = _cli(data_cache, f"--workdir={w}", "--config.train.steps=15",
+                        "--config.model.num_layers=3")
+  assert code == 2
+  line = _one_error_line(err)
+  assert "model.num_layers 2 -> 3" in line and "new --workdir" in line and "init_from=" in line
+  assert _tree(w) == before  # no checkpoint set aside, metrics and manifest untouched
+  assert not (w / "corrupt_checkpoints").exists()
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"objective": "prefix_lm"}, "objective"),
+    ({"data.tokenizer.vocab_size": 400}, "data.tokenizer.vocab_size"),
+    ({"data.corpus": "wikitext2"}, "data.corpus"),
+    ({"data.max_docs": 50}, "data.max_docs"),
+])
+def test_resume_refuses_semantic_changes(trained, tmp_path, data_cache, override, field):
+  del data_cache
+  w = _copy(trained, tmp_path)
+  config = load_config("gpt", "tiny", **TINY, **override)
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(config, str(w))
+  assert field in str(e.value) and "\n" not in str(e.value)
+  assert sorted(os.listdir(w / "checkpoints")) == ["10", "5"]
+
+
+def test_resume_with_safe_changes_records_them_and_keeps_history(trained, tmp_path, data_cache,
+                                                                  capsys):
+  del data_cache
+  w = _copy(trained, tmp_path)
+  config = load_config("gpt", "tiny", **dict(TINY, **{"train.steps": 12, "train.learning_rate": 5e-4,
+                                                        "train.log_every": 2}))
+  metrics = train.train_and_evaluate(config, str(w))
+  assert metrics["step"] == 12
+  out = capsys.readouterr().out
+  assert "at step 10; changed train.learning_rate 0.001 -> 0.0005" in out
+  history = json.load(open(w / "manifest.json"))["history"]
+  assert history[-1]["from_step"] == 10
+  assert history[-1]["changed"]["train.steps"] == [10, 12]
+  assert json.load(open(w / "manifest.json"))["config"]["train"]["steps"] == 12
+  assert _steps(w) == list(range(1, 11)) + [12]
+
+
+def test_unreadable_checkpoint_is_set_aside_in_one_line_and_metrics_survive(trained, tmp_path,
+                                                                            data_cache, capsys):
+  del data_cache
+  w = _copy(trained, tmp_path)
+  for f in (w / "checkpoints" / "10" / "state").rglob("*"):
+    if f.is_file() and "ocdbt.process_0" in str(f):
+      f.unlink()  # missing files
+  metrics = train.train_and_evaluate(load_config("gpt", "tiny", **dict(TINY, **{"train.steps": 11})),
+                                     str(w))
+  assert metrics["step"] == 11
+  out = capsys.readouterr().out
+  lines = [l for l in out.splitlines() if "unreadable" in l]
+  assert len(lines) == 1 and "resumed from" in lines[0] and "at step 5" in lines[0], out
+  assert (w / "corrupt_checkpoints" / "10" / "state").is_dir()  # kept, not deleted
+  assert _steps(w) == list(range(1, 12))
+
+
+# ------------------------------------------------------------------ 6. checksums
+def _flip_bytes(w: pathlib.Path, step: int) -> None:
+  files = [p for p in (w / "checkpoints" / str(step) / "state").rglob("*")
+           if p.is_file() and "ocdbt.process_0/d" in str(p)]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+  biggest.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_fail_the_checksum_and_eval_uses_the_previous(trained, tmp_path, data_cache,
+                                                                    capsys):
+  del data_cache
+  w = _copy(trained, tmp_path)
+  _flip_bytes(w, 10)
+  capsys.readouterr()
+  config, params, _ = checkpointing.restore_for_inference(str(w))
+  out = capsys.readouterr().out
+  assert "checkpoint at step 10 is unreadable" in out and "checksum" in out
+  ckpt = checkpointing.Checkpointer(str(w), read_only=True, async_save=False)
+  assert ckpt.restore_meta(5)["step"] == 5 and sorted(ckpt.steps()) == [5, 10]  # nothing moved
+  # the restored params are step 5's, finite
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  del config
+
+
+def test_checksums_are_saved_beside_every_array(trained):
+  ckpt = checkpointing.Checkpointer(str(trained[0]), read_only=True, async_save=False)
+  arrays = ckpt.restore_meta(10)["arrays"]
+  assert any("params" in k for k in arrays) and any("opt_state" in k for k in arrays)
+  assert all(len(v) == 3 and isinstance(v[2], int) for v in arrays.values())
+
+
+# ------------------------------------------------------------------ 2. cache keys
+def test_token_cache_follows_file_edits_and_max_docs(tmp_path, data_cache):
+  del data_cache
+  src = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+  blocks = src.split("\n\n")
+  corpus = tmp_path / "notes.txt"
+  corpus.write_text("\n\n".join(blocks[:60]))
+  tok_path = tmp_path / "tok"
+  base = {"data.corpus": "text_files", "data.text_files": str(corpus)}
+  tok = tokenization.load_or_train_tokenizer(load_config("gpt", "tiny", **base))
+  tok.save(str(tok_path))  # a fixed tokenizer, as with a resumed workdir or init_from
+  fixed = dict(base, **{"data.tokenizer.path": str(tok_path / "tokenizer.json")})
+  first = input_pipeline.tokenized(load_config("gpt", "tiny", **fixed), tok, "train", "stream")
+  corpus.write_text("\n\n".join(blocks[60:120]))  # the user edits the file
+  edited = input_pipeline.tokenized(load_config("gpt", "tiny", **fixed), tok, "train", "stream")
+  assert not np.array_equal(first["tokens"], edited["tokens"])
+  expected = tok.encode(corpora.shakespeare_docs("\n\n".join(blocks[60:120]))[0])
+  assert list(edited["tokens"][1:1 + len(expected)]) == expected
+  three = input_pipeline.tokenized(load_config("gpt", "tiny", **fixed, **{"data.max_docs": 3}),
+                                   tok, "train", "stream")
+  all_docs = input_pipeline.tokenized(load_config("gpt", "tiny", **fixed, **{"data.max_docs": 0}),
+                                      tok, "train", "stream")
+  assert len(three["tokens"]) < len(all_docs["tokens"]) == len(edited["tokens"])
+
+
+def test_resume_after_the_corpus_changed_is_one_line(tmp_path, data_cache):
+  del data_cache
+  corpus = tmp_path / "notes.txt"
+  src = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+  corpus.write_text(src[:200_000])
+  over = dict(TINY, **{"data.corpus": "text_files", "data.text_files": str(corpus),
+                       "train.steps": 2, "train.ckpt_every": 2})
+  train.train_and_evaluate(load_config("gpt", "tiny", **over), str(tmp_path / "w"))
+  corpus.write_text(src[200_000:400_000])
+  with pytest.raises(ConfigError, match="corpus files with fingerprint") as e:
+    train.train_and_evaluate(load_config("gpt", "tiny", **dict(over, **{"train.steps": 4})),
+                             str(tmp_path / "w"))
+  assert "\n" not in str(e.value)
+  assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2"]
+
+
+# ------------------------------------------------------------------ 3. init_from
+def test_failed_init_from_writes_nothing_and_the_next_run_takes_the_sources_vocab(
+    trained, tmp_path, data_cache):
+  w1 = tmp_path / "W1"
+  code, _, err = _cli(data_cache, f"--workdir={w1}", "--config.init_from=/nonexistent",
+                      "--config.train.steps=2")
+  assert code == 2 and "config.init_from='/nonexistent'" in _one_error_line(err)
+  assert not (w1 / "tokenizer.json").exists() and not (w1 / "checkpoints").exists()
+  # a tokenizer left by an older failed run (here: another vocabulary) is not trusted
+  other = tokenization.load_or_train_tokenizer(load_config("gpt", "tiny", **{
+      "data.corpus": "sst2", "data.max_docs": 200}))
+  other.save(str(w1))
+  config = load_config("gpt", "tiny", **dict(TINY, **{"train.steps": 1, "init_from": str(trained[0])}))
+  train.train_and_evaluate(config, str(w1))
+  assert (w1 / "tokenizer.json").read_text() == (trained[0] / "tokenizer.json").read_text()
+
+
+# ------------------------------------------------------------------ 4. numbers
+@pytest.mark.parametrize("override,needle", [
+    ({"train.learning_rate": -0.01}, "config.train.learning_rate=-0.01"),
+    ({"train.learning_rate": float("nan")}, "config.train.learning_rate=nan"),
+    ({"data.batch_size": 0}, "config.data.batch_size=0"),
+    ({"data.eval_batch_size": 0}, "config.data.eval_batch_size=0"),
+    ({"train.log_every": 0}, "config.train.log_every=0"),
+    ({"train.ckpt_every": 0}, "config.train.ckpt_every=0"),
+    ({"quantize": "int4"}, "config.quantize='int4' is not supported"),
+])
+def test_bad_numbers_are_one_line_at_start_up(override, needle):
+  with pytest.raises(ConfigError) as e:
+    config_schema.validate(load_config("gpt", "tiny", **override))
+  assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nan_learning_rate_exits_2_before_compiling(tmp_path, data_cache):
+  code, out, err = _cli(data_cache, f"--workdir={tmp_path / 'w'}", "--config.train.learning_rate=nan")
+  assert code == 2 and "config.train.learning_rate=nan" in _one_error_line(err)
+  assert not (tmp_path / "w").exists() and "step" not in out
+
+
+# ------------------------------------------------------------------ 5. one writer
+def test_a_second_writer_gets_the_holders_pid_and_exit_2(trained, tmp_path, data_cache):
+  w = _copy(trained, tmp_path)
+  before = _tree(w)
+  with workdir_guard.WorkdirLock(str(w)):
+    code, _, err = _cli(data_cache, f"--workdir={w}", "--config.train.steps=15")
+  assert code == 2
+  line = _one_error_line(err)
+  assert f"in use by another run (pid {os.getpid()})" in line
+  assert _tree(w) == before
+  # readers take no lock: eval works while a writer holds it
+  with workdir_guard.WorkdirLock(str(w)):
+    assert checkpointing.restore_for_inference(str(w))[0].model.num_layers == 2
+
+
+def test_the_lock_goes_with_its_process_even_on_kill_9(tmp_path):
+  w = tmp_path / "w"
+  w.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; sys.path.insert(0, sys.argv[1]); from gptjax import workdir_guard; "
+      "workdir_guard.WorkdirLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)"),
+      str(REPO), str(w)], stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(ConfigError, match=f"pid {holder.pid}"):
+    workdir_guard.WorkdirLock(str(w)).acquire()
+  holder.send_signal(signal.SIGKILL)
+  holder.wait(timeout=30)
+  with workdir_guard.WorkdirLock(str(w)):
+    assert (w / ".lock").read_text().strip() == str(os.getpid())
+
+
+# ------------------------------------------------------------------ 7, 10. text files
+def test_one_long_document_is_split_by_characters_not_reused(tmp_path):
+  text = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+  flat = tmp_path / "flat.txt"
+  flat.write_text(" ".join(text.split()))  # no newlines: one document
+  train_docs = corpora.load_documents("text_files", "train", "", str(flat))
+  val_docs = corpora.load_documents("text_files", "validation", "", str(flat))
+  assert len(train_docs) == len(val_docs) == 1
+  t, v = train_docs[0]["text"], val_docs[0]["text"]
+  assert v not in t and 0.04 < len(v) / (len(t) + len(v)) < 0.06
+  assert (t + " " + v).split() == " ".join(text.split()).split()
+
+
+@pytest.mark.parametrize("lines,needle", [
+    (['{"text": "a"}', '{"text": "b"', '{"text": "c"}'], ":2 is not valid JSON"),
+    (['{"text": "a"}', '{"body": "b"}'], ":2 has no string 'text' field"),
+])
+def test_broken_jsonl_names_the_file_and_line(tmp_path, lines, needle):
+  f = tmp_path / "d.jsonl"
+  f.write_text("\n".join(lines) + "\n")
+  with pytest.raises(ConfigError) as e:
+    corpora.load_documents("text_files", "train", "", str(f))
+  assert str(f) + needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_broken_jsonl_through_the_cli_is_one_line(tmp_path, data_cache):
+  f = tmp_path / "d.jsonl"
+  f.write_text('{"text": "one"}\n{"text": \n')
+  code, _, err = _cli(data_cache, f"--workdir={tmp_path / 'w'}", "--config.data.corpus=text_files",
+                      f"--config.data.text_files={f}")
+  assert code == 2 and f"{f}:2 is not valid JSON" in _one_error_line(err)
+
+
+# ------------------------------------------------------------------ 8. eval paths
+def test_eval_takes_data_paths_and_overrides_from_the_command_line(trained, tmp_path, data_cache):
+  w = _copy(trained, tmp_path)
+  stored = tmp_path / "stored_tfds"
+  saved = checkpointing.config_from_meta(checkpointing.Checkpointer(
+      str(w), read_only=True, async_save=False).restore_meta(10))
+  saved.data.tfds_data_dir = str(stored)  # as if trained on another machine
+  saved.data.seq_len = 16
+  given = load_config("gpt", "tiny", **{"data.seq_len": 32})
+  merged = resume_check.eval_config(saved, given, None)
+  assert merged.data.tfds_data_dir == "" and merged.data.seq_len == 16  # no flags: not explicit
+  code, out, err = _cli(data_cache, f"--workdir={w}", "--mode=eval", "--config.data.seq_len=16",
+                        "--config.train.eval_steps=2")
+  assert code == 0, err[-2000:]
+  assert out.startswith("float32: ") and not stored.exists()
+  assert "WARNING" not in err and "W11" not in err  # no orbax lines
+
+
+# ------------------------------------------------------------------ 9. offline
+def test_offline_tfds_name_fails_in_one_line_without_the_network(tmp_path, monkeypatch):
+  def no_network(*args, **kwargs):
+    raise AssertionError(f"network touched: {args}")
+  monkeypatch.setattr(socket.socket, "connect", no_network)
+  monkeypatch.setattr(socket, "create_connection", no_network)
+  monkeypatch.setenv("GPTJAX_OFFLINE", "1")
+  config = load_config("gpt", "tiny", **{"data.corpus": "mnist",
+                                         "data.tfds_data_dir": str(tmp_path / "tfds")})
+  with pytest.raises(ConfigError) as e:
+    corpora.data_source(config, "train")
+  assert "GPTJAX_OFFLINE=1" in str(e.value) and "'mnist' is not prepared" in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ tracebacks -> one line
+def test_embed_without_a_model_is_one_line(tmp_path, data_cache):
+  f = tmp_path / "s.txt"
+  f.write_text("a sentence\n")
+  code, _, err = _cli(data_cache, "--mode=embed", f"--input_file={f}")
+  assert code == 2 and "--mode=embed needs config.init_from" in _one_error_line(err)
+
+
+def test_workdir_that_is_a_file_or_under_one_is_one_line(tmp_path):
+  f = tmp_path / "file"
+  f.write_text("x")
+  for w, needle in ((f, "is a file"), (f / "sub", "which is a file")):
+    with pytest.raises(ConfigError, match=needle) as e:
+      train.train_and_evaluate(load_config("gpt", "tiny", **TINY), str(w))
+    assert "\n" not in str(e.value)
+  assert f.read_text() == "x"
+
+
+def test_read_only_workdir_is_one_line(tmp_path):
+  if os.geteuid() == 0:  # root writes through file modes; /proc/self is read-only even for root
+    w = pathlib.Path("/proc/self")
+  else:
+    w = tmp_path / "ro"
+    w.mkdir()
+    w.chmod(0o555)
+  with pytest.raises(ConfigError, match="is not writable"):
+    train.train_and_evaluate(load_config("gpt", "tiny", **TINY), str(w))
+
+
+def test_mistyped_field_names_the_full_path(data_cache):
+  code, _, err = _cli(data_cache, "--mode=summary", "--config.model.nmu_layers=4")
+  line = _one_error_line(err)
+  assert code == 2
+  assert line == ("error: bad flag: --config.model.nmu_layers is not a config field; did you mean "
+                  "config.model.num_layers?")
+
+
+def test_empty_prompts_file_says_so(tmp_path):
+  from gptjax import generate_cli  # pylint: disable=g-import-not-at-top
+  f = tmp_path / "p.txt"
+  f.write_text("\n  \n")
+  flags = type("F", (), {"prompt": None, "prompts_file": str(f)})()
+  with pytest.raises(ConfigError, match="has no non-blank line"):
+    generate_cli.read_prompts(flags)
+
+
+# ------------------------------------------------------------------ quiet runs
+def test_training_and_generate_print_no_library_warnings(trained, data_cache):
+  _, out, err = trained
+  assert "Downloading and preparing" not in out and "preparing corpus 'tiny_shakespeare'" in out
+  assert not [l for l in (out + err).splitlines() if l.startswith(("W11", "I11", "WARNING"))]
+  code, out, err = _cli(data_cache, f"--workdir={trained[0]}", "--mode=generate",
+                        "--prompt=ROMEO:", "--config.generate.max_new_tokens=4")
+  assert code == 0 and out.startswith("ROMEO:") and err == "", err
+
+
+def test_an_interrupted_save_is_one_gptjax_line(trained, tmp_path, data_cache, capsys):
+  del data_cache
+  w = _copy(trained, tmp_path)
+  shutil.copytree(w / "checkpoints" / "10", w / "checkpoints" / "11.orbax-checkpoint-tmp")
+  train.train_and_evaluate(load_config("gpt", "tiny", **dict(TINY, **{"train.steps": 11})), str(w))
+  out = capsys.readouterr().out
+  assert "at step 10; discarded an incomplete save of step 11" in out
+  assert sorted(os.listdir(w / "checkpoints")) == ["10", "11", "5"]
+
+
+def test_one_cache_variable(monkeypatch, tmp_path):
+  monkeypatch.delenv("GPTJAX_CACHE", raising=False)
+  monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "old"))
+  assert config_schema.cache_dir() == str(tmp_path / "old")
+  monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "new"))
+  assert config_schema.cache_dir() == str(tmp_path / "new")
+  assert corpora.tfds_dir() == str(tmp_path / "new" / "tfds")
+  from gptjax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  assert str(cpu_kernels.cache_dir()) == str(tmp_path / "new")
