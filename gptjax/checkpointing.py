@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 
 from gptjax.config_schema import ConfigError
 
-_TMP_SAVE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_TMP_SAVE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp$")
 
 
 def _short(e: Exception) -> str:
@@ -123,6 +124,9 @@ class Checkpointer:
     the unreadable one is moved (never deleted) to WORKDIR/corrupt_checkpoints/<step>. A state of
     another shape is a ConfigError: the config or the code changed, the files are fine.
     """
+    if not self.read_only and step is None:
+      for s in self.incomplete_saves:  # a kill during a save left its temporary folder
+        self._set_aside(s, f"{s}{_TMP_SUFFIX}", f"{s}.incomplete")
     candidates = [step] if step is not None else list(reversed(self.steps()))
     for s in candidates:
       try:
@@ -160,17 +164,17 @@ class Checkpointer:
       return
     self.set_aside.append((step, why, self._set_aside(step)))
 
-  def _set_aside(self, step: int) -> str:
+  def _set_aside(self, step: int, name: str = "", dst_name: str = "") -> str:
     """Moves an unreadable checkpoint out of the manager's directory, keeping its files."""
-    src = os.path.join(checkpoint_dir(self.workdir), str(step))
+    src = os.path.join(checkpoint_dir(self.workdir), name or str(step))
     if not os.path.isdir(src) or jax.process_index() != 0:
       return src
     dst_root = os.path.join(self.workdir, "corrupt_checkpoints")
     os.makedirs(dst_root, exist_ok=True)
-    dst = os.path.join(dst_root, str(step))
+    dst = os.path.join(dst_root, dst_name or str(step))
     n = 1
     while os.path.exists(dst):
-      dst, n = os.path.join(dst_root, f"{step}.{n}"), n + 1
+      dst, n = os.path.join(dst_root, f"{dst_name or step}.{n}"), n + 1
     os.rename(src, dst)
     self.manager.reload()
     return dst

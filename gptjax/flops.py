@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import math
 import time
 
@@ -116,8 +118,10 @@ def _sub_jaxprs(values):
       yield v.jaxpr
 
 
+@functools.lru_cache(maxsize=8)
 def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` large square matmuls through XLA on the default device."""
+  """FLOP/s of the best of `repeats` large square matmuls through XLA on the default device
+  (measured once per process and setting)."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)

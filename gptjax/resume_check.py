@@ -139,8 +139,7 @@ def print_resume(workdir: str, ckpt, start_step: int, had_checkpoints: bool, cha
   """One line on where the run starts, when the user should know: resumed, set aside, changed."""
   notes = [f"moved the unreadable checkpoint of step {s} to {dst} ({why})"
            for s, why, dst in ckpt.set_aside]
-  notes += [f"discarded an incomplete save of step {s}" for s in ckpt.incomplete_saves
-            if s > start_step]
+  notes += [f"set aside an incomplete save of step {s}" for s in ckpt.incomplete_saves]
   if changes:
     notes.append("changed " + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()))
   if start_step:

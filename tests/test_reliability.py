@@ -100,38 +100,36 @@ def test_resume_refuses_semantic_changes(trained, tmp_path, data_cache, override
   assert sorted(os.listdir(w / "checkpoints")) == ["10", "5"]
 
 
-def test_resume_with_safe_changes_records_them_and_keeps_history(trained, tmp_path, data_cache,
-                                                                  capsys):
-  del data_cache
-  w = _copy(trained, tmp_path)
-  config = load_config("gpt", "tiny", **dict(TINY, **{"train.steps": 12, "train.learning_rate": 5e-4,
-                                                        "train.log_every": 2}))
-  metrics = train.train_and_evaluate(config, str(w))
-  assert metrics["step"] == 12
-  out = capsys.readouterr().out
-  assert "at step 10; changed train.learning_rate 0.001 -> 0.0005" in out
-  history = json.load(open(w / "manifest.json"))["history"]
-  assert history[-1]["from_step"] == 10
-  assert history[-1]["changed"]["train.steps"] == [10, 12]
-  assert json.load(open(w / "manifest.json"))["config"]["train"]["steps"] == 12
-  assert _steps(w) == list(range(1, 11)) + [12]
-
-
-def test_unreadable_checkpoint_is_set_aside_in_one_line_and_metrics_survive(trained, tmp_path,
-                                                                            data_cache, capsys):
+def test_resume_reports_in_one_line_sets_aside_only_the_unreadable_and_keeps_history(
+    trained, tmp_path, data_cache, capsys):
+  """Step 10's array files are gone, a kill left a half-written step 11, and the learning rate
+  and log cadence change: the run resumes from 5 and says all of it in one line."""
   del data_cache
   w = _copy(trained, tmp_path)
   for f in (w / "checkpoints" / "10" / "state").rglob("*"):
     if f.is_file() and "ocdbt.process_0" in str(f):
-      f.unlink()  # missing files
-  metrics = train.train_and_evaluate(load_config("gpt", "tiny", **dict(TINY, **{"train.steps": 11})),
-                                     str(w))
-  assert metrics["step"] == 11
-  out = capsys.readouterr().out
-  lines = [l for l in out.splitlines() if "unreadable" in l]
-  assert len(lines) == 1 and "resumed from" in lines[0] and "at step 5" in lines[0], out
+      f.unlink()
+  shutil.copytree(w / "checkpoints" / "5", w / "checkpoints" / "11.orbax-checkpoint-tmp")
+  config = load_config("gpt", "tiny", **dict(TINY, **{"train.steps": 12, "train.learning_rate": 5e-4,
+                                                        "train.log_every": 2}))
+  metrics = train.train_and_evaluate(config, str(w))
+  assert metrics["step"] == 12
+  lines = [l for l in capsys.readouterr().out.splitlines() if "step" in l and "unigram" not in l]
+  assert len(lines) == 1, lines
+  line = lines[0]
+  assert line.startswith(f"resumed from {w / 'checkpoints'} at step 5; ")
+  assert f"moved the unreadable checkpoint of step 10 to {w / 'corrupt_checkpoints' / '10'}" in line
+  assert "set aside an incomplete save of step 11" in line
+  assert "changed train.learning_rate 0.001 -> 0.0005, train.log_every 1 -> 2" in line
   assert (w / "corrupt_checkpoints" / "10" / "state").is_dir()  # kept, not deleted
-  assert _steps(w) == list(range(1, 12))
+  assert (w / "corrupt_checkpoints" / "11.incomplete" / "state").is_dir()
+  assert sorted(os.listdir(w / "checkpoints")) == ["10", "12", "5"]
+  manifest = json.load(open(w / "manifest.json"))
+  assert manifest["history"][-1]["from_step"] == 5
+  assert manifest["history"][-1]["changed"]["train.steps"] == [10, 12]
+  assert manifest["config"]["train"]["learning_rate"] == 5e-4
+  # metrics.jsonl: steps 1-5 of the first run kept, 6-12 from this one, none twice
+  assert _steps(w) == [1, 2, 3, 4, 5, 6, 8, 10, 12]
 
 
 # ------------------------------------------------------------------ 6. checksums
@@ -193,20 +191,18 @@ def test_token_cache_follows_file_edits_and_max_docs(tmp_path, data_cache):
   assert len(three["tokens"]) < len(all_docs["tokens"]) == len(edited["tokens"])
 
 
-def test_resume_after_the_corpus_changed_is_one_line(tmp_path, data_cache):
+def test_resume_after_the_corpus_changed_is_one_line(trained, tmp_path, data_cache):
   del data_cache
-  corpus = tmp_path / "notes.txt"
+  w = _copy(trained, tmp_path)
+  raw = tmp_path / "raw" / "tinyshakespeare"
+  raw.mkdir(parents=True)
   src = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
-  corpus.write_text(src[:200_000])
-  over = dict(TINY, **{"data.corpus": "text_files", "data.text_files": str(corpus),
-                       "train.steps": 2, "train.ckpt_every": 2})
-  train.train_and_evaluate(load_config("gpt", "tiny", **over), str(tmp_path / "w"))
-  corpus.write_text(src[200_000:400_000])
+  (raw / "input.txt").write_text(src.replace("ROMEO", "ROMEUS"))  # an edited copy of the corpus
+  config = load_config("gpt", "tiny", **dict(TINY, **{"data.raw_dir": str(raw.parent)}))
   with pytest.raises(ConfigError, match="corpus files with fingerprint") as e:
-    train.train_and_evaluate(load_config("gpt", "tiny", **dict(over, **{"train.steps": 4})),
-                             str(tmp_path / "w"))
+    train.train_and_evaluate(config, str(w))
   assert "\n" not in str(e.value)
-  assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2"]
+  assert sorted(os.listdir(w / "checkpoints")) == ["10", "5"]
 
 
 # ------------------------------------------------------------------ 3. init_from
@@ -222,7 +218,9 @@ def test_failed_init_from_writes_nothing_and_the_next_run_takes_the_sources_voca
       "data.corpus": "sst2", "data.max_docs": 200}))
   other.save(str(w1))
   config = load_config("gpt", "tiny", **dict(TINY, **{"train.steps": 1, "init_from": str(trained[0])}))
-  train.train_and_evaluate(config, str(w1))
+  _, _, tokenizer, _ = train.setup(config, str(w1))  # what train_and_evaluate trains with
+  assert tokenizer.fingerprint == tokenization.load_tokenizer_file(
+      str(trained[0] / "tokenizer.json")).fingerprint
   assert (w1 / "tokenizer.json").read_text() == (trained[0] / "tokenizer.json").read_text()
 
 
@@ -401,16 +399,6 @@ def test_training_and_generate_print_no_library_warnings(trained, data_cache):
   assert code == 0 and out.startswith("ROMEO:") and err == "", err
 
 
-def test_an_interrupted_save_is_one_gptjax_line(trained, tmp_path, data_cache, capsys):
-  del data_cache
-  w = _copy(trained, tmp_path)
-  shutil.copytree(w / "checkpoints" / "10", w / "checkpoints" / "11.orbax-checkpoint-tmp")
-  train.train_and_evaluate(load_config("gpt", "tiny", **dict(TINY, **{"train.steps": 11})), str(w))
-  out = capsys.readouterr().out
-  assert "at step 10; discarded an incomplete save of step 11" in out
-  assert sorted(os.listdir(w / "checkpoints")) == ["10", "11", "5"]
-
-
 def test_one_cache_variable(monkeypatch, tmp_path):
   monkeypatch.delenv("GPTJAX_CACHE", raising=False)
   monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "old"))
@@ -420,3 +408,15 @@ def test_one_cache_variable(monkeypatch, tmp_path):
   assert corpora.tfds_dir() == str(tmp_path / "new" / "tfds")
   from gptjax import cpu_kernels  # pylint: disable=g-import-not-at-top
   assert str(cpu_kernels.cache_dir()) == str(tmp_path / "new")
+
+
+def test_icl_reports_prompts_cut_to_the_context(trained):
+  from gptjax import icl, models  # pylint: disable=g-import-not-at-top
+  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  config, params, tokenizer = checkpointing.restore_for_inference(str(trained[0]))
+  model = models.make_model(ModelConfig.from_config(config.model))
+  raw = str(REPO.parent / "shared" / "data")
+  dev, demos = icl.read_sst2("dev", raw)[:4], icl.read_sst2("train", raw)[:200]
+  result = icl.evaluate_icl(model, params, tokenizer, dev, demos, [0, 50], batch_size=8)
+  assert result["cut@50"] == 1.0  # 50 demonstrations never fit 64 tokens
+  assert result["cut@0"] < 1.0
