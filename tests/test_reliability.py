@@ -313,14 +313,26 @@ def test_broken_jsonl_through_the_cli_is_one_line(tmp_path, data_cache):
 # ------------------------------------------------------------------ 8. eval paths
 def test_eval_takes_data_paths_and_overrides_from_the_command_line(trained, tmp_path, data_cache):
   w = _copy(trained, tmp_path)
-  stored = tmp_path / "stored_tfds"
-  saved = checkpointing.config_from_meta(checkpointing.Checkpointer(
-      str(w), read_only=True, async_save=False).restore_meta(10))
-  saved.data.tfds_data_dir = str(stored)  # as if trained on another machine
-  saved.data.seq_len = 16
-  given = load_config("gpt", "tiny", **{"data.seq_len": 32})
-  merged = resume_check.eval_config(saved, given, None)
-  assert merged.data.tfds_data_dir == "" and merged.data.seq_len == 16  # no flags: not explicit
+  stored = tmp_path / "stored_tfds"  # a path the checkpoint names, as if trained elsewhere
+  meta_file = w / "checkpoints" / "10" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  saved = json.loads(meta["config"])
+  saved["data"]["tfds_data_dir"] = str(stored)
+  meta["config"] = json.dumps(saved)
+  meta_file.write_text(json.dumps(meta))
+  merged = resume_check.eval_config(checkpointing.config_from_meta(meta),
+                                    load_config("gpt", "tiny", **{"data.seq_len": 16}), None)
+  assert merged.data.tfds_data_dir == "" and merged.data.seq_len == 32  # not given as a flag
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ["run.py", f"--config={REPO / 'configs' / 'gpt.py'}:tiny", "--config.data.seq_len=16"]
+  flag_values = absl_flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  merged = resume_check.eval_config(checkpointing.config_from_meta(meta), flag_values.config,
+                                    flag_values)
+  assert merged.data.seq_len == 16 and merged.model.num_layers == 2
   code, out, err = _cli(data_cache, f"--workdir={w}", "--mode=eval", "--config.data.seq_len=16",
                         "--config.train.eval_steps=2")
   assert code == 0, err[-2000:]
