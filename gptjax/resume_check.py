@@ -21,9 +21,10 @@ SAFE_PREFIXES = (
     "name", "variant", "init_from", "quantize", "generate.", "parallelism.",
     "train.steps", "train.log_every", "train.eval_every", "train.eval_steps", "train.ckpt_every",
     "train.keep", "train.best_metric", "train.progress", "train.grad_accum",
-    # the learning-rate schedule: applies from the restored step on
+    # the learning-rate schedule and the update's clipping and decay: they hold no state and
+    # apply from the restored step on (b1/b2 would change what the saved moments mean)
     "train.learning_rate", "train.warmup_steps", "train.schedule", "train.decay_steps",
-    "train.min_lr_ratio",
+    "train.min_lr_ratio", "train.grad_clip", "train.weight_decay",
     # where files are, not what they hold (the data fingerprint guards their content)
     "data.raw_dir", "data.tfds_data_dir", "data.num_workers", "data.eval_batch_size",
     # how a layer is computed, not what it computes
