@@ -289,9 +289,10 @@ def _train_locked(config, workdir: str) -> dict[str, float]:
     step_done, device_metrics = pending_item
     m = _fetch(device_metrics)
     if not math.isfinite(m["loss"]):
-      raise NonFiniteLoss(
-          f"loss is {m['loss']} at step {step_done}; the run stopped and the last good checkpoint "
-          f"(step {last_good_ckpt}) is intact: lower config.train.learning_rate or check the data")
+      kept = f"the last good checkpoint (step {last_good_ckpt}) is intact" \
+          if last_good_ckpt is not None else "no checkpoint had been saved yet"
+      raise NonFiniteLoss(f"loss is {m['loss']} at step {step_done}; the run stopped and {kept}: "
+                          "lower config.train.learning_rate or check the data")
     seen["loss_tokens"] += m["loss_tokens"]
     return m
 
