@@ -42,7 +42,6 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 Array = jax.Array
 
@@ -104,8 +103,8 @@ def available() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(str(build_library()))
   except (RuntimeError, OSError) as e:
-    logging.warning("gptjax CPU kernels unavailable, using the jnp formulations: %s",
-                    str(e).splitlines()[0])
+    print(f"note: gptjax CPU kernels unavailable, using the jnp formulations: "
+          f"{str(e).splitlines()[0]}", file=sys.stderr, flush=True)
     return False
   for name, symbol in ((HEAD_MATMUL, lib.GptjaxHeadMatmul), (ATTENTION_FWD, lib.GptjaxAttentionFwd),
                        (ATTENTION_BWD, lib.GptjaxAttentionBwd), (NORM_FWD, lib.GptjaxNormFwd),
