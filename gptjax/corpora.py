@@ -187,19 +187,30 @@ def _jsonl_docs(path: str, text: str) -> list[dict]:
 
 
 def _split_few_documents(docs: list[dict], split: str, text_files: str) -> list[dict]:
-  """Train/validation of 20 or fewer documents: the last 5% of the characters are held out."""
-  if any(int(d["label"]) >= 0 for d in docs):
-    raise ConfigError(f"config.data.text_files={text_files!r} has only {len(docs)} labelled "
-                      "records; give at least 21 so that some can be held out for validation")
-  text = "\n\n".join(d["text"] for d in docs)
-  cut = int(len(text) * 0.95)
-  boundary = max(text.rfind("\n", 0, cut), text.rfind(" ", 0, cut))
-  cut = boundary if boundary > len(text) * 0.8 else cut
-  train, held_out = text[:cut].strip(), text[cut:].strip()
-  if not train or not held_out:
+  """Train/validation of 20 or fewer documents: the last 5% of the characters are held out
+  (cut at a space or newline inside the document where the cut falls; the rest stay whole)."""
+  need = max(1, int(sum(len(d["text"]) for d in docs) * 0.05))
+  train, held = list(docs), []
+  while train and need > 0:
+    d = train.pop()
+    text = d["text"]
+    if len(text.strip()) <= need:
+      held.insert(0, d)
+      need -= len(text.strip())
+      continue
+    cut = len(text) - need
+    space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+    cut = space if space > 0 else cut
+    head, tail = text[:cut].strip(), text[cut:].strip()
+    if head:
+      train.append(_doc(head, int(d["label"]), d["text_b"]))
+    held.insert(0, _doc(tail, int(d["label"]), d["text_b"]))
+    need = 0
+  held = [d for d in held if d["text"].strip()]
+  if not train or not held:
     raise ConfigError(f"config.data.text_files={text_files!r} is too short to hold out a "
                       "validation split; give more text")
-  return [_doc(train)] if split == "train" else [_doc(held_out)] if split == "validation" else []
+  return train if split == "train" else held if split == "validation" else []
 
 
 def load_documents(corpus: str, split: str, raw_dir: str, text_files: str = "",

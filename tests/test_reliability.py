@@ -288,6 +288,12 @@ def test_one_long_document_is_split_by_characters_not_reused(tmp_path):
   t, v = train_docs[0]["text"], val_docs[0]["text"]
   assert v not in t and 0.04 < len(v) / (len(t) + len(v)) < 0.06
   assert (t + " " + v).split() == " ".join(text.split()).split()
+  few = tmp_path / "few.txt"  # three documents: the others stay whole, none is reused
+  few.write_text("\n\n".join(text.split("\n\n")[:3]))
+  train_docs = corpora.load_documents("text_files", "train", "", str(few))
+  val_docs = corpora.load_documents("text_files", "validation", "", str(few))
+  assert len(train_docs) == 3 and len(val_docs) == 1
+  assert not any(val_docs[0]["text"] in d["text"] for d in train_docs)
 
 
 @pytest.mark.parametrize("lines,needle", [
