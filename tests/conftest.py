@@ -43,3 +43,20 @@ def _data_cache_fixture(tmp_path_factory):
     os.environ.pop("GPTJAX_CACHE", None)
   else:
     os.environ["GPTJAX_CACHE"] = old
+
+
+def run_tiny_cli(cache, *args, timeout=240):
+  """`run.py --config=configs/gpt.py:tiny ARGS` with GPTJAX_CACHE=cache: (returncode, stdout, stderr)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, GPTJAX_CACHE=str(cache))
+  cmd = [sys.executable, str(REPO / "run.py"), "--config=configs/gpt.py:tiny",
+         "--config.train.progress=False", *args]
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+  return r.returncode, r.stdout, r.stderr
+
+
+def one_error_line(stderr: str) -> str:
+  """The single `error: ...` line a failed run printed (fails when there is anything else)."""
+  lines = [l for l in stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+  return lines[0]

@@ -1,47 +1,30 @@
 """Issue 17: a resumed run never silently changes model, data or vocabulary; one writer per workdir;
-bad values and broken files are one line (exit 2) before anything compiles; library logs stay quiet.
+checkpoints carry checksums; caches follow their inputs; library logs stay quiet.
 
 Each test runs the command (or the call run.py makes), then checks the exit code or ConfigError,
 the one line, and the files left on disk. W is one tiny GPT run of 10 steps shared by the module.
+Bad values and broken inputs (one line, exit 2, before compiling): tests/test_bad_input.py.
 """
 
-import fcntl
 import json
 import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
-from gptjax import (checkpointing, config_schema, corpora, input_pipeline, resume_check,
-                    tokenization, train, workdir_guard)
+from conftest import REPO, load_config, one_error_line, run_tiny_cli
+from gptjax import (checkpointing, corpora, input_pipeline, resume_check, tokenization, train,
+                    workdir_guard)
 from gptjax.config_schema import ConfigError
 
 TINY = {"train.log_every": 1, "train.eval_every": 0, "train.progress": False,
         "train.ckpt_every": 5, "train.steps": 10}
-
-
-def _cli(cache, *args, timeout=240):
-  """run.py with gpt:tiny; returns (returncode, stdout, stderr)."""
-  env = dict(os.environ, GPTJAX_CACHE=str(cache))
-  cmd = [sys.executable, str(REPO / "run.py"), "--config=configs/gpt.py:tiny",
-         "--config.train.progress=False", *args]
-  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-  return r.returncode, r.stdout, r.stderr
-
-
-def _one_error_line(stderr: str) -> str:
-  lines = [l for l in stderr.splitlines() if l.strip()]
-  assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
-  return lines[0]
 
 
 def _tree(path: pathlib.Path) -> dict:
@@ -58,7 +41,7 @@ def _steps(path) -> list:
 def _trained(tmp_path_factory, data_cache):
   """W: 10 steps of gpt:tiny (checkpoints 5 and 10) through the CLI, on a fresh cache."""
   w = tmp_path_factory.mktemp("rel") / "W"
-  code, out, err = _cli(data_cache, f"--workdir={w}", "--config.train.steps=10",
+  code, out, err = run_tiny_cli(data_cache, f"--workdir={w}", "--config.train.steps=10",
                         "--config.train.ckpt_every=5", "--config.train.eval_every=0",
                         "--config.train.log_every=1")
   assert code == 0, err[-3000:]
@@ -75,10 +58,10 @@ def _copy(trained, tmp_path) -> pathlib.Path:
 def test_resume_with_a_changed_model_is_one_line_and_keeps_everything(trained, tmp_path, data_cache):
   w = _copy(trained, tmp_path)
   before = _tree(w)
-  code, out, err = _cli(data_cache, f"--workdir={w}", "--config.train.steps=15",
+  code, out, err = run_tiny_cli(data_cache, f"--workdir={w}", "--config.train.steps=15",
                         "--config.model.num_layers=3")
   assert code == 2
-  line = _one_error_line(err)
+  line = one_error_line(err)
   assert "model.num_layers 2 -> 3" in line and "new --workdir" in line and "init_from=" in line
   assert _tree(w) == before  # no checkpoint set aside, metrics and manifest untouched
   assert not (w / "corrupt_checkpoints").exists()
@@ -209,9 +192,9 @@ def test_resume_after_the_corpus_changed_is_one_line(trained, tmp_path, data_cac
 def test_failed_init_from_writes_nothing_and_the_next_run_takes_the_sources_vocab(
     trained, tmp_path, data_cache):
   w1 = tmp_path / "W1"
-  code, _, err = _cli(data_cache, f"--workdir={w1}", "--config.init_from=/nonexistent",
+  code, _, err = run_tiny_cli(data_cache, f"--workdir={w1}", "--config.init_from=/nonexistent",
                       "--config.train.steps=2")
-  assert code == 2 and "config.init_from='/nonexistent'" in _one_error_line(err)
+  assert code == 2 and "config.init_from='/nonexistent'" in one_error_line(err)
   assert not (w1 / "tokenizer.json").exists() and not (w1 / "checkpoints").exists()
   # a tokenizer left by an older failed run (here: another vocabulary) is not trusted
   other = tokenization.load_or_train_tokenizer(load_config("gpt", "tiny", **{
@@ -224,36 +207,14 @@ def test_failed_init_from_writes_nothing_and_the_next_run_takes_the_sources_voca
   assert (w1 / "tokenizer.json").read_text() == (trained[0] / "tokenizer.json").read_text()
 
 
-# ------------------------------------------------------------------ 4. numbers
-@pytest.mark.parametrize("override,needle", [
-    ({"train.learning_rate": -0.01}, "config.train.learning_rate=-0.01"),
-    ({"train.learning_rate": float("nan")}, "config.train.learning_rate=nan"),
-    ({"data.batch_size": 0}, "config.data.batch_size=0"),
-    ({"data.eval_batch_size": 0}, "config.data.eval_batch_size=0"),
-    ({"train.log_every": 0}, "config.train.log_every=0"),
-    ({"train.ckpt_every": 0}, "config.train.ckpt_every=0"),
-    ({"quantize": "int4"}, "config.quantize='int4' is not supported"),
-])
-def test_bad_numbers_are_one_line_at_start_up(override, needle):
-  with pytest.raises(ConfigError) as e:
-    config_schema.validate(load_config("gpt", "tiny", **override))
-  assert needle in str(e.value) and "\n" not in str(e.value)
-
-
-def test_nan_learning_rate_exits_2_before_compiling(tmp_path, data_cache):
-  code, out, err = _cli(data_cache, f"--workdir={tmp_path / 'w'}", "--config.train.learning_rate=nan")
-  assert code == 2 and "config.train.learning_rate=nan" in _one_error_line(err)
-  assert not (tmp_path / "w").exists() and "step" not in out
-
-
 # ------------------------------------------------------------------ 5. one writer
 def test_a_second_writer_gets_the_holders_pid_and_exit_2(trained, tmp_path, data_cache):
   w = _copy(trained, tmp_path)
   before = _tree(w)
   with workdir_guard.WorkdirLock(str(w)):
-    code, _, err = _cli(data_cache, f"--workdir={w}", "--config.train.steps=15")
+    code, _, err = run_tiny_cli(data_cache, f"--workdir={w}", "--config.train.steps=15")
   assert code == 2
-  line = _one_error_line(err)
+  line = one_error_line(err)
   assert f"in use by another run (pid {os.getpid()})" in line
   assert _tree(w) == before
   # readers take no lock: eval works while a writer holds it
@@ -275,45 +236,6 @@ def test_the_lock_goes_with_its_process_even_on_kill_9(tmp_path):
   holder.wait(timeout=30)
   with workdir_guard.WorkdirLock(str(w)):
     assert (w / ".lock").read_text().strip() == str(os.getpid())
-
-
-# ------------------------------------------------------------------ 7, 10. text files
-def test_one_long_document_is_split_by_characters_not_reused(tmp_path):
-  text = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
-  flat = tmp_path / "flat.txt"
-  flat.write_text(" ".join(text.split()))  # no newlines: one document
-  train_docs = corpora.load_documents("text_files", "train", "", str(flat))
-  val_docs = corpora.load_documents("text_files", "validation", "", str(flat))
-  assert len(train_docs) == len(val_docs) == 1
-  t, v = train_docs[0]["text"], val_docs[0]["text"]
-  assert v not in t and 0.04 < len(v) / (len(t) + len(v)) < 0.06
-  assert (t + " " + v).split() == " ".join(text.split()).split()
-  few = tmp_path / "few.txt"  # three documents: the others stay whole, none is reused
-  few.write_text("\n\n".join(text.split("\n\n")[:3]))
-  train_docs = corpora.load_documents("text_files", "train", "", str(few))
-  val_docs = corpora.load_documents("text_files", "validation", "", str(few))
-  assert len(train_docs) == 3 and len(val_docs) == 1
-  assert not any(val_docs[0]["text"] in d["text"] for d in train_docs)
-
-
-@pytest.mark.parametrize("lines,needle", [
-    (['{"text": "a"}', '{"text": "b"', '{"text": "c"}'], ":2 is not valid JSON"),
-    (['{"text": "a"}', '{"body": "b"}'], ":2 has no string 'text' field"),
-])
-def test_broken_jsonl_names_the_file_and_line(tmp_path, lines, needle):
-  f = tmp_path / "d.jsonl"
-  f.write_text("\n".join(lines) + "\n")
-  with pytest.raises(ConfigError) as e:
-    corpora.load_documents("text_files", "train", "", str(f))
-  assert str(f) + needle in str(e.value) and "\n" not in str(e.value)
-
-
-def test_broken_jsonl_through_the_cli_is_one_line(tmp_path, data_cache):
-  f = tmp_path / "d.jsonl"
-  f.write_text('{"text": "one"}\n{"text": \n')
-  code, _, err = _cli(data_cache, f"--workdir={tmp_path / 'w'}", "--config.data.corpus=text_files",
-                      f"--config.data.text_files={f}")
-  assert code == 2 and f"{f}:2 is not valid JSON" in _one_error_line(err)
 
 
 # ------------------------------------------------------------------ 8. eval paths
@@ -339,72 +261,11 @@ def test_eval_takes_data_paths_and_overrides_from_the_command_line(trained, tmp_
   merged = resume_check.eval_config(checkpointing.config_from_meta(meta), flag_values.config,
                                     flag_values)
   assert merged.data.seq_len == 16 and merged.model.num_layers == 2
-  code, out, err = _cli(data_cache, f"--workdir={w}", "--mode=eval", "--config.data.seq_len=16",
+  code, out, err = run_tiny_cli(data_cache, f"--workdir={w}", "--mode=eval", "--config.data.seq_len=16",
                         "--config.train.eval_steps=2")
   assert code == 0, err[-2000:]
   assert out.startswith("float32: ") and not stored.exists()
   assert "WARNING" not in err and "W11" not in err  # no orbax lines
-
-
-# ------------------------------------------------------------------ 9. offline
-def test_offline_tfds_name_fails_in_one_line_without_the_network(tmp_path, monkeypatch):
-  def no_network(*args, **kwargs):
-    raise AssertionError(f"network touched: {args}")
-  monkeypatch.setattr(socket.socket, "connect", no_network)
-  monkeypatch.setattr(socket, "create_connection", no_network)
-  monkeypatch.setenv("GPTJAX_OFFLINE", "1")
-  config = load_config("gpt", "tiny", **{"data.corpus": "mnist",
-                                         "data.tfds_data_dir": str(tmp_path / "tfds")})
-  with pytest.raises(ConfigError) as e:
-    corpora.data_source(config, "train")
-  assert "GPTJAX_OFFLINE=1" in str(e.value) and "'mnist' is not prepared" in str(e.value)
-  assert "\n" not in str(e.value)
-
-
-# ------------------------------------------------------------------ tracebacks -> one line
-def test_embed_without_a_model_is_one_line(tmp_path, data_cache):
-  f = tmp_path / "s.txt"
-  f.write_text("a sentence\n")
-  code, _, err = _cli(data_cache, "--mode=embed", f"--input_file={f}")
-  assert code == 2 and "--mode=embed needs config.init_from" in _one_error_line(err)
-
-
-def test_workdir_that_is_a_file_or_under_one_is_one_line(tmp_path):
-  f = tmp_path / "file"
-  f.write_text("x")
-  for w, needle in ((f, "is a file"), (f / "sub", "which is a file")):
-    with pytest.raises(ConfigError, match=needle) as e:
-      train.train_and_evaluate(load_config("gpt", "tiny", **TINY), str(w))
-    assert "\n" not in str(e.value)
-  assert f.read_text() == "x"
-
-
-def test_read_only_workdir_is_one_line(tmp_path):
-  if os.geteuid() == 0:  # root writes through file modes; /proc/self is read-only even for root
-    w = pathlib.Path("/proc/self")
-  else:
-    w = tmp_path / "ro"
-    w.mkdir()
-    w.chmod(0o555)
-  with pytest.raises(ConfigError, match="is not writable"):
-    train.train_and_evaluate(load_config("gpt", "tiny", **TINY), str(w))
-
-
-def test_mistyped_field_names_the_full_path(data_cache):
-  code, _, err = _cli(data_cache, "--mode=summary", "--config.model.nmu_layers=4")
-  line = _one_error_line(err)
-  assert code == 2
-  assert line == ("error: bad flag: --config.model.nmu_layers is not a config field; did you mean "
-                  "config.model.num_layers?")
-
-
-def test_empty_prompts_file_says_so(tmp_path):
-  from gptjax import generate_cli  # pylint: disable=g-import-not-at-top
-  f = tmp_path / "p.txt"
-  f.write_text("\n  \n")
-  flags = type("F", (), {"prompt": None, "prompts_file": str(f)})()
-  with pytest.raises(ConfigError, match="has no non-blank line"):
-    generate_cli.read_prompts(flags)
 
 
 # ------------------------------------------------------------------ quiet runs
@@ -412,20 +273,9 @@ def test_training_and_generate_print_no_library_warnings(trained, data_cache):
   _, out, err = trained
   assert "Downloading and preparing" not in out and "preparing corpus 'tiny_shakespeare'" in out
   assert not [l for l in (out + err).splitlines() if l.startswith(("W11", "I11", "WARNING"))]
-  code, out, err = _cli(data_cache, f"--workdir={trained[0]}", "--mode=generate",
+  code, out, err = run_tiny_cli(data_cache, f"--workdir={trained[0]}", "--mode=generate",
                         "--prompt=ROMEO:", "--config.generate.max_new_tokens=4")
   assert code == 0 and out.startswith("ROMEO:") and err == "", err
-
-
-def test_one_cache_variable(monkeypatch, tmp_path):
-  monkeypatch.delenv("GPTJAX_CACHE", raising=False)
-  monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "old"))
-  assert config_schema.cache_dir() == str(tmp_path / "old")
-  monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "new"))
-  assert config_schema.cache_dir() == str(tmp_path / "new")
-  assert corpora.tfds_dir() == str(tmp_path / "new" / "tfds")
-  from gptjax import cpu_kernels  # pylint: disable=g-import-not-at-top
-  assert str(cpu_kernels.cache_dir()) == str(tmp_path / "new")
 
 
 def test_icl_reports_prompts_cut_to_the_context(trained):
