@@ -328,6 +328,7 @@ class Attention(nn.Module):
   decode: bool = False
   deterministic: bool = True
   causal: bool = False  # self-attention whose mask never lets a query see a later key
+  cache_len: int = 0  # decode: keys the self-attention cache holds (0: cfg.max_len)
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, kv_BxSxD: Optional[Array] = None,
@@ -339,9 +340,16 @@ class Attention(nn.Module):
     q_std = kernel_std(cfg, d) * (1.0 if cfg.scale_attention else dh ** -0.5)
     dense = lambda out, axes, std, name: Dense((d,), out, axes, std, cfg.use_bias, dt, name=name)
     q = dense((h, dh), ("embed", "heads", "kv"), q_std, "query")(x_BxLxD)
-    kv_in = x_BxLxD if kv_BxSxD is None else kv_BxSxD
-    k = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "key")(kv_in)
-    v = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "value")(kv_in)
+    if self.is_cross and self.decode and kv_BxSxD is None:
+      # a decoding step: the encoder's keys and values were projected once, at prefill
+      k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+    else:
+      kv_in = x_BxLxD if kv_BxSxD is None else kv_BxSxD
+      k = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "key")(kv_in)
+      v = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "value")(kv_in)
+      if self.is_cross and self.decode:
+        self.put_variable("cache", "cross_key", k)
+        self.put_variable("cache", "cross_value", v)
     if cfg.position == "rope" and not self.is_cross:
       q = apply_rope(q, positions_BxL, cfg.rope_base)
       k = apply_rope(k, positions_BxL, cfg.rope_base)
@@ -364,10 +372,10 @@ class Attention(nn.Module):
     """Writes this chunk into the cache; returns all cached keys, values and the decode mask."""
     b, l, kh, dh = k_BxLxKxDh.shape
     is_init = not self.has_variable("cache", "cached_key")
-    max_len = self.cfg.max_len
-    ck = self.variable("cache", "cached_key", jnp.zeros, (b, max_len, kh, dh), k_BxLxKxDh.dtype)
-    cv = self.variable("cache", "cached_value", jnp.zeros, (b, max_len, kh, dh), v_BxLxKxDh.dtype)
-    cvalid = self.variable("cache", "cached_valid", jnp.zeros, (b, max_len), jnp.bool_)
+    s = self.cache_len or self.cfg.max_len
+    ck = self.variable("cache", "cached_key", jnp.zeros, (b, s, kh, dh), k_BxLxKxDh.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, (b, s, kh, dh), v_BxLxKxDh.dtype)
+    cvalid = self.variable("cache", "cached_valid", jnp.zeros, (b, s), jnp.bool_)
     idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if is_init:  # shape-only pass that creates the cache
       return k_BxLxKxDh, v_BxLxKxDh, None
@@ -378,7 +386,7 @@ class Attention(nn.Module):
     cvalid.value = jax.lax.dynamic_update_slice(cvalid.value, valid_BxL, (0, i))
     idx.value = i + l
     q_pos_L = i + jnp.arange(l)
-    causal_LxS = jnp.arange(max_len)[None, :] <= q_pos_L[:, None]
+    causal_LxS = jnp.arange(ck.value.shape[1])[None, :] <= q_pos_L[:, None]
     mask_Bx1xLxS = causal_LxS[None, None] & cvalid.value[:, None, None, :]
     return ck.value, cv.value, mask_Bx1xLxS
 
@@ -416,6 +424,7 @@ class TransformerLayer(nn.Module):
   decode: bool = False
   deterministic: bool = True
   causal: bool = False  # self_mask is at least causal and not a decode cache's (see Attention)
+  cache_len: int = 0  # decode: length of the self-attention cache (0: cfg.max_len)
 
   @nn.compact
   def __call__(self, x_BxLxD, encoded_BxSxD, self_mask, cross_mask, self_bias, positions_BxL,
@@ -432,7 +441,8 @@ class TransformerLayer(nn.Module):
       return make_norm(cfg, f"{name}_norm")(x + drop(fn(x)))
 
     x = block(x_BxLxD, "self_attn", lambda y: Attention(
-        cfg, False, self.decode, self.deterministic, self.causal, name="self_attn")(
+        cfg, False, self.decode, self.deterministic, self.causal, self.cache_len,
+        name="self_attn")(
             y, None, self_mask, self_bias, positions_BxL, input_mask_BxL))
     if self.has_cross:
       x = block(x, "cross_attn", lambda y: Attention(
