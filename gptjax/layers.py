@@ -10,14 +10,16 @@ runs in `cfg.dtype`; softmax and norms run in float32.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax import cpu_kernels
+from gptjax import cpu_kernels, weight_matmul
 from gptjax.positions import apply_rope, t5_relative_bucket
+from gptjax.quantize import QTensor
 from gptjax.cpu_kernels import fused_attention, fused_attention_applies, head_einsum
 from gptjax.fast_paths import PERF, add_bias, flat_matmul, residual_grad_barrier, softmax_last_axis
 
@@ -106,6 +108,15 @@ def kernel_std(cfg: ModelConfig, fan_in: int) -> float:
   return cfg.init_std if cfg.scale_attention else fan_in ** -0.5
 
 
+def _quantized(module: nn.Module, name: str) -> Optional[QTensor]:
+  """The int8 parameter `name` of `module` when its params are quantized (gptjax.quantize)."""
+  if module.has_variable("params", name):
+    value = module.get_variable("params", name)
+    if isinstance(value, QTensor):
+      return value
+  return None
+
+
 # ---------------------------------------------------------------- embeddings
 class Embed(nn.Module):
   """Token embedding table; `attend` reuses it as a tied output layer."""
@@ -116,14 +127,19 @@ class Embed(nn.Module):
   axes: tuple[str, str] = ("vocab", "embed")
 
   def setup(self):
-    self.embedding = self.param("embedding", _normal(self.std, self.axes),
-                                (self.num_embeddings, self.features), jnp.float32)
+    self.embedding = _quantized(self, "embedding")
+    if self.embedding is None:
+      self.embedding = self.param("embedding", _normal(self.std, self.axes),
+                                  (self.num_embeddings, self.features), jnp.float32)
 
   def __call__(self, ids_BxL: Array) -> Array:
-    return jnp.take(self.embedding, ids_BxL, axis=0).astype(self.dtype)
+    return weight_matmul.embedding_rows(self.embedding, ids_BxL).astype(self.dtype)
 
   def attend(self, x_BxLxD: Array) -> Array:
     """Logits against the embedding table: x @ E^T."""
+    x_rows = x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).astype(self.dtype)
+    if isinstance(self.embedding, QTensor) or weight_matmul.applies(x_rows):
+      return weight_matmul.attend(x_BxLxD.astype(self.dtype), self.embedding)
     if PERF["attend_transposed"]:
       # The table's gradient is then x^T @ dlogits, [D, V], transposed once: a copy of D x V
       # floats instead of XLA:CPU's transposed copy of the [tokens, V] logits gradient.
@@ -200,8 +216,10 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     n_in, n_out = len(self.in_shape), len(self.out_shape)
-    kernel = self.param("kernel", _normal(self.std, self.axes), self.in_shape + self.out_shape,
-                        jnp.float32)
+    kernel = _quantized(self, "kernel")
+    if kernel is None:
+      kernel = self.param("kernel", _normal(self.std, self.axes), self.in_shape + self.out_shape,
+                          jnp.float32)
     y = self.matmul(x, kernel)
     bias = (self.param("bias", _zeros(self.axes[n_in:]), self.out_shape, jnp.float32)
             if self.use_bias else None)
@@ -216,8 +234,16 @@ class Dense(nn.Module):
     return y
 
   def matmul(self, x: Array, kernel: Array) -> Array:
-    """x · W alone: the product that LoRA's unmerged delta is added to (gptjax.lora)."""
+    """x · W alone: the product that LoRA's unmerged delta is added to (gptjax.lora).
+
+    An int8 kernel (QTensor), or few rows of x (a decoding step), go through weight_matmul.
+    """
     n_in, n_out = len(self.in_shape), len(self.out_shape)
+    rows = math.prod(x.shape[:x.ndim - n_in])
+    if isinstance(kernel, QTensor) or (
+        self.dtype == jnp.float32 and weight_matmul.applies(x.astype(self.dtype).reshape(rows, -1))):
+      return weight_matmul.dense_matmul(x.astype(self.dtype), kernel, self.in_shape,
+                                        self.out_shape)
     if PERF["flat_dense"]:
       return flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
     letters = "ijkmn"
