@@ -25,11 +25,14 @@ Array = jax.Array
 MAX_ROWS = 64  # beyond this (a prefill, training) XLA's blocked matmul is the faster one
 
 
-def applies(x_MxK: Array) -> bool:
-  """Whether the kernel runs for float32 rows `x_MxK` (M <= MAX_ROWS) on this backend."""
-  return (PERF["cpu_weight_matmul"] and x_MxK.ndim == 2 and 0 < x_MxK.shape[0] <= MAX_ROWS and
-          x_MxK.dtype == jnp.float32 and jax.default_backend() == "cpu" and
-          cpu_kernels.available())
+def applies(x_MxK: Array, int8: bool = False) -> bool:
+  """Whether the kernel runs for float32 rows `x_MxK` (M <= MAX_ROWS) on this backend.
+
+  Float32 weights use it only with PERF["cpu_weight_matmul"] (an A/B switch, off by default).
+  """
+  return ((int8 or PERF["cpu_weight_matmul"]) and x_MxK.ndim == 2 and
+          0 < x_MxK.shape[0] <= MAX_ROWS and x_MxK.dtype == jnp.float32 and
+          jax.default_backend() == "cpu" and cpu_kernels.available())
 
 
 def _call_f32(x_MxK, w, transposed):
@@ -73,7 +76,7 @@ def matmul_int8(x_MxK: Array, values: Array, scale_N: Array, transposed: bool = 
   """
   n = values.shape[0] if transposed else values.shape[1]
   scale_N = scale_N.reshape(n).astype(jnp.float32)
-  if not applies(x_MxK.astype(jnp.float32)):
+  if not applies(x_MxK.astype(jnp.float32), int8=True):
     w = values.astype(jnp.float32) * (scale_N[:, None] if transposed else scale_N)
     return jnp.dot(x_MxK, (w.T if transposed else w).astype(x_MxK.dtype))
   call = jax.ffi.ffi_call(cpu_kernels.WEIGHT_MATMUL_S8,
