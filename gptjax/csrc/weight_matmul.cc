@@ -26,6 +26,7 @@ constexpr int64_t kPrefetchRows = 16;  // [K, N]: weight rows fetched ahead
 constexpr int64_t kOutsPerUnit = 64;  // [N, K]: output columns per unit of work
 constexpr int kOutTile = 4;           // [N, K]: weight rows read together
 constexpr int kRowTileT = 4;          // [N, K]: rows of x per register tile
+constexpr int64_t kParallelMacs = 1 << 20;  // smaller products run on the calling thread
 
 inline float Widen(float v) { return v; }
 inline float Widen(int8_t v) { return static_cast<float>(v); }
@@ -160,7 +161,7 @@ void WeightMatmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, c
   const int64_t per_unit = transposed ? kOutsPerUnit : kColsPerUnit;
   const int64_t units = (n + per_unit - 1) / per_unit;
   const bool avx512 = gptjax::HasAvx512();
-  gptjax::ParallelFor(pool, units, [&](int64_t u) {
+  auto unit = [&](int64_t u) {
     const int64_t j0 = u * per_unit, j1 = std::min(n, j0 + per_unit);
 #if defined(__x86_64__)
     if (avx512) {
@@ -173,7 +174,13 @@ void WeightMatmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, c
     }
 #endif
     BlockGeneric(x, m, k, w, n, transposed, scale, y, j0, j1);
-  });
+  };
+  // A small product costs less than handing units to the pool's threads.
+  if (m * n * k < kParallelMacs) {
+    for (int64_t u = 0; u < units; ++u) unit(u);
+  } else {
+    gptjax::ParallelFor(pool, units, unit);
+  }
 }
 
 template <typename W>
