@@ -200,6 +200,8 @@ def _spawn(spec: str) -> list[dict]:
 
 
 def _commit() -> str:
+  if os.environ.get("GPTJAX_COMMIT"):  # a run from an exported snapshot of the commit
+    return os.environ["GPTJAX_COMMIT"]
   try:
     return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip()
