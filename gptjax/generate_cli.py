@@ -98,6 +98,9 @@ def main(config, workdir: str, flag_values) -> None:
   ckpt_config.unlock()
   ckpt_config.generate = config.generate
   settings = decode.settings_from_config(ckpt_config, tokenizer)
+  if config.quantize == "int8":  # int8 weights read directly by the decoding steps
+    from gptjax import quantize  # pylint: disable=g-import-not-at-top
+    params = quantize.quantize_params(params)
   texts = complete(ckpt_config, params, tokenizer, prompts, settings)
   for i, (prompt, text) in enumerate(zip(prompts, texts)):
     if len(prompts) > 1:
