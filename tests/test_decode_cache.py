@@ -50,16 +50,18 @@ def test_the_cache_holds_prompt_bucket_plus_new_tokens():
 
 def test_prompt_lengths_within_a_bucket_compile_once():
   model, params = get("gpt")
-  settings = dataclasses.replace(GREEDY, max_new_tokens=4)
-  outs = [decode.generate(model, params, _prompts(2, n, n - 1), settings, -1, PAD)
-          for n in range(10, 17)]  # prompt widths 9..16: the 16 bucket
-  assert len({tuple(map(tuple, o)) for o in outs}) > 1  # really different requests
+  # buckets no other test uses: a loop of its own (the lru cache key includes the settings)
+  settings = dataclasses.replace(GREEDY, max_new_tokens=4, prompt_buckets=(10, 16, 32))
   static = decode._pack(_prompts(2, 16, 15), model, settings, PAD, PAD)[0]
   loop = decode._sampler(model, static)
-  assert loop._cache_size() == 1
-  decode.generate(model, params, _prompts(1, 17), settings, -1, PAD)  # the next bucket: new shape
-  assert decode._pack(_prompts(1, 17), model, settings, PAD, PAD)[0] == static
-  assert loop._cache_size() == 2
+  before = loop._cache_size()
+  outs = [decode.generate(model, params, _prompts(2, n, n - 1), settings, -1, PAD)
+          for n in range(11, 17)]  # prompt widths 11..16: the 16 bucket
+  assert len({tuple(map(tuple, o)) for o in outs}) > 1  # really different requests
+  assert loop._cache_size() == before + 1
+  decode.generate(model, params, _prompts(2, 17, 9), settings, -1, PAD)  # next bucket: new shape
+  assert decode._pack(_prompts(2, 17, 9), model, settings, PAD, PAD)[0] == static
+  assert loop._cache_size() == before + 2
 
 
 def test_int8_decoding_stays_within_tolerance_of_dequantized_float32():
