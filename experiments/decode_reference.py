@@ -37,6 +37,8 @@ _CONFIG = flags.DEFINE_string("config", "gpt:base", "family:variant of the GPT-2
 _WORKER = flags.DEFINE_string("worker", "", "Internal: 'gptjax:fp32', 'hf:int8', 'check', ...")
 _OUT = flags.DEFINE_string("output", os.path.join(REPO, "experiments", "DECODE_THROUGHPUT.md"),
                            "Markdown file whose decode_reference section is rewritten ('' to skip).")
+_IMPLS = flags.DEFINE_list("impls", ["gptjax:fp32", "hf:fp32", "gptjax:int8", "hf:int8"],
+                           "Implementations to time, in this order within each round.")
 IMPLS = ("gptjax:fp32", "hf:fp32", "gptjax:int8", "hf:int8")
 BEGIN, END = "<!-- decode_reference: begin -->", "<!-- decode_reference: end -->"
 
@@ -232,7 +234,7 @@ def main(argv):
   results, bandwidth = [], []
   for r in range(_ROUNDS.value):
     bandwidth.append(bandwidth_gb_s())
-    for spec in IMPLS:
+    for spec in _IMPLS.value:
       for row in _spawn(spec):
         row["round"] = r
         results.append(row)
@@ -276,12 +278,17 @@ def _table(results, bandwidth, check, n_params: int) -> list[str]:
            "", "| batch | gptjax fp32 | HF fp32 | gptjax int8 | HF int8 (dynamic) | "
            "fp32 gptjax/HF | int8/fp32 gptjax | int8 gptjax/HF |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  def cell(impl, batch):
+    return f"{best[(impl, batch)]:.1f}" if (impl, batch) in best else "not run"
+
+  def ratio_cell(a, b, batch):
+    return ratio(a, b, batch) if (a, batch) in best and (b, batch) in best else ""
+
   for batch in sorted({r["batch"] for r in results}):
-    g32, h32, g8, h8 = (best[(i, batch)] for i in IMPLS)
-    lines.append(f"| {batch} | {g32:.1f} | {h32:.1f} | {g8:.1f} | {h8:.1f} | "
-                 f"{ratio('gptjax:fp32', 'hf:fp32', batch)} | "
-                 f"{ratio('gptjax:int8', 'gptjax:fp32', batch)} | "
-                 f"{ratio('gptjax:int8', 'hf:int8', batch)} |")
+    lines.append(f"| {batch} | " + " | ".join(cell(i, batch) for i in IMPLS) + " | "
+                 f"{ratio_cell('gptjax:fp32', 'hf:fp32', batch)} | "
+                 f"{ratio_cell('gptjax:int8', 'gptjax:fp32', batch)} | "
+                 f"{ratio_cell('gptjax:int8', 'hf:int8', batch)} |")
   bw = max(bandwidth)
   lines += ["", "Tokens/s; ratios are the median (range) over rounds of same-round ratios.",
             "", f"Bound at batch 1: every step reads all weights, {4 * n_params / 1e6:.0f} MB in "
