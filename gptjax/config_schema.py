@@ -169,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   g.repetition_penalty = 1.0
   g.stop = ""  # stop sequences separated by "|"
   g.seed = 0
+  g.prompt_buckets = ""  # prompt widths sharing a compiled loop, e.g. "32,128,512"; "": 8, 16, ..
 
   # --------------------------------------------------------------- finetune
   f = c.finetune = ml_collections.ConfigDict()

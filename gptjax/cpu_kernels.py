@@ -17,6 +17,8 @@ these kernels replace them:
   (csrc/activation.cc).
 - `log_z_and_target`: the cross-entropy's logsumexp, target logit and row max, one pass over
   the logits forward and one backward (csrc/cross_entropy.cc).
+- the few-row products of a decoding step against float32 or int8 weights
+  (csrc/weight_matmul.cc, called from gptjax/weight_matmul.py).
 
 All share their work out over XLA's intra-op threads. They are compiled on first
 use with the system's C++ compiler into gptjax's cache (`$GPTJAX_CACHE`, default
@@ -48,12 +50,13 @@ Array = jax.Array
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("gemm.h", "vector_math.h", "head_matmul.cc",
                                          "attention.cc", "norm.cc", "activation.cc",
-                                         "cross_entropy.cc"))
+                                         "cross_entropy.cc", "weight_matmul.cc"))
 HEAD_MATMUL = "gptjax_head_matmul"
 ATTENTION_FWD, ATTENTION_BWD = "gptjax_attention_fwd", "gptjax_attention_bwd"
 NORM_FWD, NORM_BWD = "gptjax_norm_fwd", "gptjax_norm_bwd"
 GELU_FWD, GELU_BWD = "gptjax_bias_gelu_fwd", "gptjax_bias_gelu_bwd"
 LOGZ_FWD, LOGZ_BWD = "gptjax_log_z_fwd", "gptjax_log_z_bwd"
+WEIGHT_MATMUL_F32, WEIGHT_MATMUL_S8 = "gptjax_weight_matmul_f32", "gptjax_weight_matmul_s8"
 
 
 def cache_dir() -> pathlib.Path:
@@ -110,7 +113,9 @@ def available() -> bool:
                        (ATTENTION_BWD, lib.GptjaxAttentionBwd), (NORM_FWD, lib.GptjaxNormFwd),
                        (NORM_BWD, lib.GptjaxNormBwd), (GELU_FWD, lib.GptjaxBiasGeluFwd),
                        (GELU_BWD, lib.GptjaxBiasGeluBwd), (LOGZ_FWD, lib.GptjaxLogZFwd),
-                       (LOGZ_BWD, lib.GptjaxLogZBwd)):
+                       (LOGZ_BWD, lib.GptjaxLogZBwd),
+                       (WEIGHT_MATMUL_F32, lib.GptjaxWeightMatmulF32),
+                       (WEIGHT_MATMUL_S8, lib.GptjaxWeightMatmulS8)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
   return True
 

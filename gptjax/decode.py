@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from gptjax.config_schema import ConfigError
 
@@ -42,6 +43,10 @@ class DecodeSettings:
   stop: tuple[tuple[int, ...], ...] = ()
   seed: int = 0
   use_cache: bool = True  # False recomputes the whole prefix every step (for tests, timings)
+  # Prompts are padded to the smallest of these widths that holds the longest one, so that
+  # prompt lengths within a bucket share one compiled loop; () means powers of two from 8.
+  # The KV cache then holds that width plus max_new_tokens.
+  prompt_buckets: tuple[int, ...] = ()
 
   @property
   def greedy(self) -> bool:
@@ -57,7 +62,19 @@ def settings_from_config(config, tokenizer=None) -> DecodeSettings:
                         top_k=int(g.top_k), top_p=float(g.top_p), num_beams=int(g.num_beams),
                         length_penalty=float(g.length_penalty),
                         repetition_penalty=float(g.repetition_penalty),
-                        stop=tuple(s for s in stop_ids if s), seed=int(g.seed))
+                        stop=tuple(s for s in stop_ids if s), seed=int(g.seed),
+                        prompt_buckets=parse_buckets(g.get("prompt_buckets", "")))
+
+
+def parse_buckets(text) -> tuple[int, ...]:
+  """`config.generate.prompt_buckets` ("32,128,512"; "" for the default) as a tuple of ints."""
+  if isinstance(text, (tuple, list)):
+    return tuple(int(b) for b in text)
+  try:
+    return tuple(int(b) for b in str(text).replace(" ", "").split(",") if b)
+  except ValueError:
+    raise ConfigError(f"config.generate.prompt_buckets={text!r} must be comma-separated "
+                      "integers such as '32,128,512' ('' for powers of two)") from None
 
 
 def check_settings(settings: DecodeSettings) -> None:
@@ -76,6 +93,35 @@ def check_settings(settings: DecodeSettings) -> None:
   if s.repetition_penalty <= 0:
     raise ConfigError(f"config.generate.repetition_penalty={s.repetition_penalty} must be > 0 "
                       "(1: off)")
+  b = s.prompt_buckets
+  if any(x < 1 for x in b) or any(y <= x for x, y in zip(b, b[1:])):
+    raise ConfigError(f"config.generate.prompt_buckets={','.join(map(str, b))} must be positive "
+                      "and increasing, e.g. '32,128,512'")
+
+
+def check_new_tokens(settings: DecodeSettings, max_len: int, family: str) -> None:
+  """Raises ConfigError when max_new_tokens alone does not fit the model's context."""
+  room = max_len - 1  # a decoder-only prompt or an encoder-decoder start token takes a position
+  if settings.max_new_tokens > room:
+    raise ConfigError(f"config.generate.max_new_tokens={settings.max_new_tokens} does not fit "
+                      f"the model's context (config.model.max_len={max_len}, {family}): at most "
+                      f"{room} new tokens")
+
+
+def prompt_width(longest: int, n_new: int, max_len: int, buckets: tuple[int, ...]) -> int:
+  """The padded prompt width: the smallest bucket holding `longest` tokens.
+
+  Capped at max_len - n_new (but never below `longest`) so the KV cache stays within the
+  context. ConfigError when no bucket holds the prompt.
+  """
+  if not buckets:
+    buckets = tuple(8 * 2 ** i for i in range(max(1, max_len.bit_length())))
+  fits = [b for b in buckets if b >= longest]
+  if not fits:
+    raise ConfigError(f"the longest prompt has {longest} tokens but the largest of "
+                      f"config.generate.prompt_buckets={','.join(map(str, buckets))} is "
+                      f"{buckets[-1]}; add a bucket of at least {longest}")
+  return max(longest, min(fits[0], max_len - n_new))
 
 
 def check_prompts(prompt_ids: Sequence[Sequence[int]], max_len: int, family: str) -> None:
@@ -92,6 +138,14 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], max_len: int, family: str
 
 
 # ----------------------------------------------------------------- logits processing
+def _nucleus(sorted_x: Array, top_p: float) -> Array:
+  """Logits sorted in descending order with the tokens outside the top-p nucleus at -1e30."""
+  sorted_p = jax.nn.softmax(sorted_x, axis=-1)
+  before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+  keep = (before < top_p - 1e-6).at[..., 0].set(True)
+  return jnp.where(keep, sorted_x, _NEG)
+
+
 def filter_logits(logits_BxV: Array, temperature: float, top_k: int, top_p: float) -> Array:
   """Tempered logits with the tokens outside top-k and the top-p nucleus set to -1e30.
 
@@ -108,13 +162,34 @@ def filter_logits(logits_BxV: Array, temperature: float, top_k: int, top_p: floa
     x = jnp.where(x >= kth, x, _NEG)
   if top_p < 1.0:
     order = jnp.argsort(-x, axis=-1)
-    sorted_x = jnp.take_along_axis(x, order, axis=-1)
-    sorted_p = jax.nn.softmax(sorted_x, axis=-1)
-    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-    keep_sorted = (before < top_p - 1e-6).at[..., 0].set(True)
+    keep_sorted = _nucleus(jnp.take_along_axis(x, order, axis=-1), top_p) > _NEG / 2
     keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
     x = jnp.where(keep, x, _NEG)
   return x
+
+
+def sample_tokens(key: Array, logits_BxV: Array, temperature: float, top_k: int,
+                  top_p: float) -> Array:
+  """One token per row from the distribution `filter_logits` leaves, without filtering all V.
+
+  With top-k the draw is among the k largest logits alone (`lax.top_k`, no sort of the
+  vocabulary) and top-p cuts that sorted list; top-p alone sorts once and draws in sorted order.
+  """
+  x = logits_BxV.astype(jnp.float32)
+  if temperature == 0.0:
+    return jnp.argmax(x, axis=-1)
+  x = x / temperature
+  if 0 < top_k < x.shape[-1]:
+    vals_BxK, idx_BxK = jax.lax.top_k(x, top_k)
+  elif top_p < 1.0:
+    idx_BxK = jnp.argsort(-x, axis=-1)
+    vals_BxK = jnp.take_along_axis(x, idx_BxK, axis=-1)
+  else:
+    return jax.random.categorical(key, x)
+  if top_p < 1.0:
+    vals_BxK = _nucleus(vals_BxK, top_p)
+  pick_B = jax.random.categorical(key, vals_BxK)
+  return jnp.take_along_axis(idx_BxK, pick_B[:, None], axis=-1)[:, 0]
 
 
 def repetition_penalty(logits_BxV: Array, seen_BxV: Array, penalty: float) -> Array:
@@ -146,6 +221,7 @@ def _model_fns(model, use_cache: bool):
 
   prefill(params, buf_BxT, mask_BxT, P, enc_BxS, enc_mask_BxS) -> (logits_BxV, cache, ctx)
   step(params, cache, ctx, buf_BxT, mask_BxT, col, tok_B, pos_B) -> (logits_BxV, cache)
+  The self-attention cache holds T = P + N keys, the buffer's width: no key beyond the request.
   """
   from gptjax import models  # pylint: disable=g-import-not-at-top
   family = model.cfg.family
@@ -156,9 +232,11 @@ def _model_fns(model, use_cache: bool):
       if not use_cache:
         logits = model.apply({"params": params}, buf, positions=pos, input_mask=mask)["logits"]
         return logits[:, P - 1], None, None
-      cache = _zero_cache(lambda b: model.init(jax.random.key(0), b, decode=True), buf[:, :1])
+      t = buf.shape[1]
+      cache = _zero_cache(lambda b: model.init(jax.random.key(0), b, decode=True, cache_len=t),
+                          buf[:, :1])
       out, mut = model.apply({"params": params, "cache": cache}, buf[:, :P], positions=pos[:, :P],
-                             input_mask=mask[:, :P], decode=True, mutable=["cache"])
+                             input_mask=mask[:, :P], decode=True, cache_len=t, mutable=["cache"])
       return out["logits"][:, -1], mut["cache"], None
 
     def step(params, cache, ctx, buf, mask, col, tok, pos):
@@ -180,15 +258,17 @@ def _model_fns(model, use_cache: bool):
   def prefill(params, buf, mask, P, enc, enc_mask):
     del mask
     encoded = model.apply({"params": params}, enc, enc_mask, method=models.EncoderDecoder.encode)
-    ctx = (encoded, enc_mask)
     if not use_cache:
       logits = model.apply({"params": params}, encoded, enc_mask, buf, method=dec)
-      return logits[:, P - 1], None, ctx
+      return logits[:, P - 1], None, (encoded, enc_mask)
+    t = buf.shape[1]
     cache = _zero_cache(lambda e, m, b: model.init(jax.random.key(0), e, m, b, decode=True,
-                                                   method=dec), encoded, enc_mask, buf[:, :1])
+                                                   cache_len=t, method=dec),
+                        encoded, enc_mask, buf[:, :1])
+    # the prefill projects the encoder's keys and values into the cache once; steps reuse them
     logits, mut = model.apply({"params": params, "cache": cache}, encoded, enc_mask, buf[:, :P],
-                              decode=True, mutable=["cache"], method=dec)
-    return logits[:, -1], mut["cache"], ctx
+                              decode=True, cache_len=t, mutable=["cache"], method=dec)
+    return logits[:, -1], mut["cache"], (None, enc_mask)
 
   def step(params, cache, ctx, buf, mask, col, tok, pos):
     del mask, pos
@@ -196,7 +276,7 @@ def _model_fns(model, use_cache: bool):
     if not use_cache:
       logits = model.apply({"params": params}, encoded, enc_mask, buf, method=dec)
       return jax.lax.dynamic_index_in_dim(logits, col, axis=1, keepdims=False), None
-    logits, mut = model.apply({"params": params, "cache": cache}, encoded, enc_mask, tok[:, None],
+    logits, mut = model.apply({"params": params, "cache": cache}, None, enc_mask, tok[:, None],
                               decode=True, mutable=["cache"], method=dec)
     return logits[:, 0], mut["cache"]
   return prefill, step
@@ -216,7 +296,7 @@ def _sampler(model, settings: DecodeSettings):
     logits, cache, ctx = prefill(params, buf_BxT, mask_BxT, P, enc_BxS, enc_mask_BxS)
     length_B = mask_BxT[:, :P].sum(axis=1)
     vocab = logits.shape[-1]
-    seen_BxV = jnp.zeros((b, vocab), bool)
+    seen_BxV = jnp.zeros((b, vocab if s.repetition_penalty != 1.0 else 1), bool)
     if s.repetition_penalty != 1.0:
       seen_BxV = seen_BxV.at[jnp.arange(b)[:, None], buf_BxT[:, :P]].max(mask_BxT[:, :P] > 0)
 
@@ -231,13 +311,14 @@ def _sampler(model, settings: DecodeSettings):
       if s.greedy:
         tok = jnp.argmax(lg, axis=-1)
       else:
-        tok = jax.random.categorical(key, filter_logits(lg, s.temperature, s.top_k, s.top_p))
+        tok = sample_tokens(key, lg, s.temperature, s.top_k, s.top_p)
       tok = jnp.where(done, pad_id, tok).astype(buf.dtype)
       col = P + t
       buf = jax.lax.dynamic_update_index_in_dim(buf, tok, col, axis=1)
       mask = jax.lax.dynamic_update_index_in_dim(mask, (~done).astype(mask.dtype), col, axis=1)
       done = done | (tok == eos_id) | _stop_hit(buf, col, t, s.stop)
-      seen = seen.at[jnp.arange(b), tok].set(True)
+      if s.repetition_penalty != 1.0:
+        seen = seen.at[jnp.arange(b), tok].set(True)
       logits, cache = step(params, cache, ctx, buf, mask, col, tok, length_B + t)
       return t + 1, buf, mask, logits, cache, done, rng, seen
 
@@ -251,9 +332,13 @@ def _sampler(model, settings: DecodeSettings):
 
 # ---------------------------------------------------------------------------- beam search
 def _gather_beams(cache, idx_R):
-  """Reorders the batch rows of every cache array (axis 1 under nn.scan's 'layers')."""
+  """Reorders the batch rows of every cache array (axis 1 under nn.scan's 'layers').
+
+  The cross-attention keys and values are the same for every beam of a prompt: not copied.
+  """
   def take(path, x):
-    if x.ndim < 2:
+    names = {getattr(p, "key", None) for p in path}
+    if x.ndim < 2 or names & {"cross_key", "cross_value"}:
       return x
     axis = 1 if any(getattr(p, "key", None) == "layers" for p in path) else 0
     return jnp.take(x, idx_R, axis=axis)
@@ -276,7 +361,7 @@ def _beam_searcher(model, settings: DecodeSettings):
     length_R = mask_RxT[:, :P].sum(axis=1)
     vocab = logits.shape[-1]
     r = b * W
-    seen = jnp.zeros((r, vocab), bool)
+    seen = jnp.zeros((r, vocab if s.repetition_penalty != 1.0 else 1), bool)
     if s.repetition_penalty != 1.0:
       seen = seen.at[jnp.arange(r)[:, None], buf_RxT[:, :P]].max(mask_RxT[:, :P] > 0)
     alive_logp = jnp.tile(jnp.asarray([0.0] + [_NEG] * (W - 1), jnp.float32), (b, 1))
@@ -316,7 +401,8 @@ def _beam_searcher(model, settings: DecodeSettings):
       rows_R = (jnp.arange(b)[:, None] * W + parent_W).reshape(r)
       cache = _gather_beams(cache, rows_R)
       tok_R = tok_W.reshape(r)
-      seen = seen[rows_R].at[jnp.arange(r), tok_R].set(True)
+      if s.repetition_penalty != 1.0:
+        seen = seen[rows_R].at[jnp.arange(r), tok_R].set(True)
       logits, cache = step(params, cache, ctx, None, None, None, tok_R, length_R + t)
       return t + 1, alive_seq, alive_logp, logits, cache, seen, fin_seq, fin_score, new_done
 
@@ -341,16 +427,25 @@ def _beam_searcher(model, settings: DecodeSettings):
 
 # -------------------------------------------------------------------------- entry points
 def _pack(prompt_ids, model, settings: DecodeSettings, pad_id: int, start_id: int):
-  """Host-side: clipped settings, the BxT buffer and mask, and the encoder inputs."""
+  """Host-side: clipped settings, the BxT buffer and mask, and the encoder inputs.
+
+  T = P + N: P the prompt width (`prompt_width`), N the new tokens. A decoder-only request whose
+  prompt plus max_new_tokens passes max_len gets fewer new tokens, with a logged warning.
+  """
   cfg = model.cfg
   check_settings(settings)
   check_prompts(prompt_ids, cfg.max_len, cfg.family)
+  check_new_tokens(settings, cfg.max_len, cfg.family)
   longest = max(len(p) for p in prompt_ids)
   b = len(prompt_ids)
+  n_new = settings.max_new_tokens
   if cfg.family == "decoder_only":
-    # prompt lengths rounded up to a multiple of 8 where the context allows: fewer compilations
-    P = max(longest, min(-(-longest // 8) * 8, cfg.max_len - settings.max_new_tokens))
-    n_new = min(settings.max_new_tokens, cfg.max_len - P)
+    if longest + n_new > cfg.max_len:
+      n_new = cfg.max_len - longest
+      logging.warning("config.generate.max_new_tokens=%d capped to %d: the longest prompt has %d "
+                      "tokens and config.model.max_len=%d", settings.max_new_tokens, n_new,
+                      longest, cfg.max_len)
+    P = prompt_width(longest, n_new, cfg.max_len, settings.prompt_buckets)
     buf = np.full((b, P + n_new), pad_id, np.int32)
     mask = np.zeros((b, P + n_new), np.int32)
     for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at column P - 1
@@ -358,13 +453,12 @@ def _pack(prompt_ids, model, settings: DecodeSettings, pad_id: int, start_id: in
       mask[i, P - len(p):P] = 1
     enc = enc_mask = None
   else:
-    n_new = min(settings.max_new_tokens, cfg.max_len - 1)
     P = 1
     buf = np.full((b, P + n_new), pad_id, np.int32)
     buf[:, 0] = start_id
     mask = np.zeros((b, P + n_new), np.int32)
     mask[:, 0] = 1
-    width = max(longest, min(-(-longest // 8) * 8, cfg.max_len))  # fewer compilations
+    width = prompt_width(longest, 0, cfg.max_len, settings.prompt_buckets)
     enc = np.full((b, width), pad_id, np.int32)
     enc_mask = np.zeros((b, width), np.int32)
     for i, p in enumerate(prompt_ids):

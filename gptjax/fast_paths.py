@@ -32,6 +32,10 @@ PERF = {
     "cpu_norm": True,                # LayerNorm/RMSNorm as one XLA:CPU kernel per direction
     "cpu_bias_gelu": True,           # the MLP's bias add and GELU as one XLA:CPU kernel
     "cpu_cross_entropy": True,       # the loss's log-partition as one XLA:CPU kernel
+    # float32 products of <= 64 rows (decoding steps) through csrc/weight_matmul.cc; off: no
+    # measurable gain over XLA's dot where both are bound by memory bandwidth (int8 weights
+    # always use that kernel)
+    "cpu_weight_matmul": False,
 }
 
 

@@ -50,7 +50,11 @@ def complete(config, params, tokenizer, prompts: list[str], settings: decode.Dec
 
 
 def sample_text(config, params, tokenizer, prompt: str, max_new_tokens: int) -> str:
-  """Prompt plus a completion with `config.generate`'s settings (max_new_tokens overridden)."""
+  """Prompt plus a completion with `config.generate`'s settings (max_new_tokens overridden).
+
+  max_new_tokens is capped at what the context leaves after the prompt.
+  """
+  max_new_tokens = min(max_new_tokens, config.model.max_len - len(tokenizer.encode(prompt)))
   settings = decode.settings_from_config(config, tokenizer)
   settings = decode.DecodeSettings(**{**settings.__dict__, "max_new_tokens": max_new_tokens})
   return prompt + complete(config, params, tokenizer, [prompt], settings)[0]
@@ -97,6 +101,9 @@ def main(config, workdir: str, flag_values) -> None:
   ckpt_config.unlock()
   ckpt_config.generate = config.generate
   settings = decode.settings_from_config(ckpt_config, tokenizer)
+  if config.quantize == "int8":  # int8 weights read directly by the decoding steps
+    from gptjax import quantize  # pylint: disable=g-import-not-at-top
+    params = quantize.quantize_params(params)
   texts = complete(ckpt_config, params, tokenizer, prompts, settings)
   for i, (prompt, text) in enumerate(zip(prompts, texts)):
     if len(prompts) > 1:

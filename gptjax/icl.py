@@ -186,6 +186,10 @@ def main(config, workdir: str, flag_values) -> None:
   dev, train = read_sst2("dev", raw_dir), read_sst2("train", raw_dir)
   examples = [dev[i] for i in np.random.default_rng(config.seed).permutation(len(dev))[:n]]
   ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
+  if config.quantize == "int8":
+    from gptjax import quantize  # pylint: disable=g-import-not-at-top
+    params = quantize.quantize_params(params)
+    print("int8 weights (config.quantize=int8)")
   model = models.make_model(ModelConfig.from_config(ckpt_config.model))
   result = evaluate_icl(model, params, tokenizer, examples, train, shots, seed=config.seed,
                         start_id=generate_cli.decoder_start_id(ckpt_config, tokenizer))

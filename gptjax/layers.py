@@ -10,14 +10,16 @@ runs in `cfg.dtype`; softmax and norms run in float32.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax import cpu_kernels
+from gptjax import cpu_kernels, weight_matmul
 from gptjax.positions import apply_rope, t5_relative_bucket
+from gptjax.quantize import QTensor
 from gptjax.cpu_kernels import fused_attention, fused_attention_applies, head_einsum
 from gptjax.fast_paths import PERF, add_bias, flat_matmul, residual_grad_barrier, softmax_last_axis
 
@@ -106,6 +108,15 @@ def kernel_std(cfg: ModelConfig, fan_in: int) -> float:
   return cfg.init_std if cfg.scale_attention else fan_in ** -0.5
 
 
+def _quantized(module: nn.Module, name: str) -> Optional[QTensor]:
+  """The int8 parameter `name` of `module` when its params are quantized (gptjax.quantize)."""
+  if module.has_variable("params", name):
+    value = module.get_variable("params", name)
+    if isinstance(value, QTensor):
+      return value
+  return None
+
+
 # ---------------------------------------------------------------- embeddings
 class Embed(nn.Module):
   """Token embedding table; `attend` reuses it as a tied output layer."""
@@ -116,14 +127,19 @@ class Embed(nn.Module):
   axes: tuple[str, str] = ("vocab", "embed")
 
   def setup(self):
-    self.embedding = self.param("embedding", _normal(self.std, self.axes),
-                                (self.num_embeddings, self.features), jnp.float32)
+    self.embedding = _quantized(self, "embedding")
+    if self.embedding is None:
+      self.embedding = self.param("embedding", _normal(self.std, self.axes),
+                                  (self.num_embeddings, self.features), jnp.float32)
 
   def __call__(self, ids_BxL: Array) -> Array:
-    return jnp.take(self.embedding, ids_BxL, axis=0).astype(self.dtype)
+    return weight_matmul.embedding_rows(self.embedding, ids_BxL).astype(self.dtype)
 
   def attend(self, x_BxLxD: Array) -> Array:
     """Logits against the embedding table: x @ E^T."""
+    x_rows = x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).astype(self.dtype)
+    if isinstance(self.embedding, QTensor) or weight_matmul.applies(x_rows):
+      return weight_matmul.attend(x_BxLxD.astype(self.dtype), self.embedding)
     if PERF["attend_transposed"]:
       # The table's gradient is then x^T @ dlogits, [D, V], transposed once: a copy of D x V
       # floats instead of XLA:CPU's transposed copy of the [tokens, V] logits gradient.
@@ -200,8 +216,10 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     n_in, n_out = len(self.in_shape), len(self.out_shape)
-    kernel = self.param("kernel", _normal(self.std, self.axes), self.in_shape + self.out_shape,
-                        jnp.float32)
+    kernel = _quantized(self, "kernel")
+    if kernel is None:
+      kernel = self.param("kernel", _normal(self.std, self.axes), self.in_shape + self.out_shape,
+                          jnp.float32)
     y = self.matmul(x, kernel)
     bias = (self.param("bias", _zeros(self.axes[n_in:]), self.out_shape, jnp.float32)
             if self.use_bias else None)
@@ -216,8 +234,16 @@ class Dense(nn.Module):
     return y
 
   def matmul(self, x: Array, kernel: Array) -> Array:
-    """x · W alone: the product that LoRA's unmerged delta is added to (gptjax.lora)."""
+    """x · W alone: the product that LoRA's unmerged delta is added to (gptjax.lora).
+
+    An int8 kernel (QTensor), or few rows of x (a decoding step), go through weight_matmul.
+    """
     n_in, n_out = len(self.in_shape), len(self.out_shape)
+    rows = math.prod(x.shape[:x.ndim - n_in])
+    if isinstance(kernel, QTensor) or (
+        self.dtype == jnp.float32 and weight_matmul.applies(x.astype(self.dtype).reshape(rows, -1))):
+      return weight_matmul.dense_matmul(x.astype(self.dtype), kernel, self.in_shape,
+                                        self.out_shape)
     if PERF["flat_dense"]:
       return flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
     letters = "ijkmn"
@@ -328,6 +354,7 @@ class Attention(nn.Module):
   decode: bool = False
   deterministic: bool = True
   causal: bool = False  # self-attention whose mask never lets a query see a later key
+  cache_len: int = 0  # decode: keys the self-attention cache holds (0: cfg.max_len)
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, kv_BxSxD: Optional[Array] = None,
@@ -339,9 +366,16 @@ class Attention(nn.Module):
     q_std = kernel_std(cfg, d) * (1.0 if cfg.scale_attention else dh ** -0.5)
     dense = lambda out, axes, std, name: Dense((d,), out, axes, std, cfg.use_bias, dt, name=name)
     q = dense((h, dh), ("embed", "heads", "kv"), q_std, "query")(x_BxLxD)
-    kv_in = x_BxLxD if kv_BxSxD is None else kv_BxSxD
-    k = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "key")(kv_in)
-    v = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "value")(kv_in)
+    if self.is_cross and self.decode and kv_BxSxD is None:
+      # a decoding step: the encoder's keys and values were projected once, at prefill
+      k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+    else:
+      kv_in = x_BxLxD if kv_BxSxD is None else kv_BxSxD
+      k = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "key")(kv_in)
+      v = dense((kh, dh), ("embed", "kv_heads", "kv"), kernel_std(cfg, d), "value")(kv_in)
+      if self.is_cross and self.decode:
+        self.put_variable("cache", "cross_key", k)
+        self.put_variable("cache", "cross_value", v)
     if cfg.position == "rope" and not self.is_cross:
       q = apply_rope(q, positions_BxL, cfg.rope_base)
       k = apply_rope(k, positions_BxL, cfg.rope_base)
@@ -364,10 +398,10 @@ class Attention(nn.Module):
     """Writes this chunk into the cache; returns all cached keys, values and the decode mask."""
     b, l, kh, dh = k_BxLxKxDh.shape
     is_init = not self.has_variable("cache", "cached_key")
-    max_len = self.cfg.max_len
-    ck = self.variable("cache", "cached_key", jnp.zeros, (b, max_len, kh, dh), k_BxLxKxDh.dtype)
-    cv = self.variable("cache", "cached_value", jnp.zeros, (b, max_len, kh, dh), v_BxLxKxDh.dtype)
-    cvalid = self.variable("cache", "cached_valid", jnp.zeros, (b, max_len), jnp.bool_)
+    s = self.cache_len or self.cfg.max_len
+    ck = self.variable("cache", "cached_key", jnp.zeros, (b, s, kh, dh), k_BxLxKxDh.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, (b, s, kh, dh), v_BxLxKxDh.dtype)
+    cvalid = self.variable("cache", "cached_valid", jnp.zeros, (b, s), jnp.bool_)
     idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if is_init:  # shape-only pass that creates the cache
       return k_BxLxKxDh, v_BxLxKxDh, None
@@ -378,7 +412,7 @@ class Attention(nn.Module):
     cvalid.value = jax.lax.dynamic_update_slice(cvalid.value, valid_BxL, (0, i))
     idx.value = i + l
     q_pos_L = i + jnp.arange(l)
-    causal_LxS = jnp.arange(max_len)[None, :] <= q_pos_L[:, None]
+    causal_LxS = jnp.arange(ck.value.shape[1])[None, :] <= q_pos_L[:, None]
     mask_Bx1xLxS = causal_LxS[None, None] & cvalid.value[:, None, None, :]
     return ck.value, cv.value, mask_Bx1xLxS
 
@@ -416,6 +450,7 @@ class TransformerLayer(nn.Module):
   decode: bool = False
   deterministic: bool = True
   causal: bool = False  # self_mask is at least causal and not a decode cache's (see Attention)
+  cache_len: int = 0  # decode: length of the self-attention cache (0: cfg.max_len)
 
   @nn.compact
   def __call__(self, x_BxLxD, encoded_BxSxD, self_mask, cross_mask, self_bias, positions_BxL,
@@ -432,7 +467,8 @@ class TransformerLayer(nn.Module):
       return make_norm(cfg, f"{name}_norm")(x + drop(fn(x)))
 
     x = block(x_BxLxD, "self_attn", lambda y: Attention(
-        cfg, False, self.decode, self.deterministic, self.causal, name="self_attn")(
+        cfg, False, self.decode, self.deterministic, self.causal, self.cache_len,
+        name="self_attn")(
             y, None, self_mask, self_bias, positions_BxL, input_mask_BxL))
     if self.has_cross:
       x = block(x, "cross_attn", lambda y: Attention(

@@ -57,7 +57,7 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: Array, *, input_mask_BxL=None, positions_BxL=None,
                segment_ids_BxL=None, prefix_mask_BxL=None, encoded_BxSxD=None, enc_mask_BxS=None,
-               decode: bool = False, deterministic: bool = True) -> Array:
+               decode: bool = False, cache_len: int = 0, deterministic: bool = True) -> Array:
     cfg = self.cfg
     b, l, d = x_BxLxD.shape
     if decode:
@@ -66,7 +66,9 @@ class Stack(nn.Module):
       q_pos_L = index.value + jnp.arange(l)
       if not is_init:
         index.value = index.value + l
-      k_pos_S = jnp.arange(cfg.max_len)
+      # kept in the cache so that steps after the prefill see the cache length it was made with
+      k_pos_S = self.variable("cache", "key_positions",
+                              lambda: jnp.arange(cache_len or cfg.max_len)).value
     else:
       q_pos_L = k_pos_S = jnp.arange(l)
     if positions_BxL is None:
@@ -109,10 +111,11 @@ class Stack(nn.Module):
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, self.has_cross, decode, deterministic, causal, name="layers")(x, *args)
+      x, _ = scanned(cfg, self.has_cross, decode, deterministic, causal, cache_len,
+                     name="layers")(x, *args)
     else:
       for i in range(self.num_layers):
-        x, _ = layer_cls(cfg, self.has_cross, decode, deterministic, causal,
+        x, _ = layer_cls(cfg, self.has_cross, decode, deterministic, causal, cache_len,
                          name=f"layers_{i}")(x, *args)
     if cfg.norm_position == "pre" and cfg.final_norm:
       x = layers.make_norm(cfg, "final_norm")(x)
@@ -185,14 +188,15 @@ class DecoderOnly(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, prefix_mask: Optional[Array] = None,
-               input_mask: Optional[Array] = None, *, decode: bool = False,
+               input_mask: Optional[Array] = None, *, decode: bool = False, cache_len: int = 0,
                deterministic: bool = True) -> dict[str, Array]:
     cfg = self.cfg
     embed = _token_embed(cfg)
     x = embed(inputs) * cfg.embed_scale
     h = Stack(cfg, cfg.num_layers, causal=True, name="decoder")(
         x, input_mask_BxL=input_mask, positions_BxL=positions, segment_ids_BxL=segment_ids,
-        prefix_mask_BxL=prefix_mask, decode=decode, deterministic=deterministic)
+        prefix_mask_BxL=prefix_mask, decode=decode, cache_len=cache_len,
+        deterministic=deterministic)
     out = {"hidden": h}
     if cfg.tie_embeddings:
       scale = cfg.embed_dim ** -0.5 if cfg.scale_tied_logits else 1.0
@@ -225,14 +229,20 @@ class EncoderDecoder(nn.Module):
     x = self.token_embed(enc_inputs) * self.cfg.embed_scale
     return self.encoder(x, input_mask_BxL=enc_mask, deterministic=deterministic)
 
-  def decode(self, encoded: Array, enc_mask: Optional[Array], dec_inputs: Array,
+  def decode(self, encoded: Optional[Array], enc_mask: Optional[Array], dec_inputs: Array,
              dec_positions: Optional[Array] = None, dec_mask: Optional[Array] = None, *,
-             decode: bool = False, deterministic: bool = True) -> Array:
-    """Decoder logits, BxLxV, attending to `encoded`."""
+             decode: bool = False, cache_len: int = 0, deterministic: bool = True) -> Array:
+    """Decoder logits, BxLxV, attending to `encoded`.
+
+    With decode=True the self-attention cache holds `cache_len` keys (0: max_len) and the
+    cross-attention keys and values are cached when `encoded` is given; a step that passes
+    encoded=None reuses them.
+    """
     cfg = self.cfg
     x = self.token_embed(dec_inputs) * cfg.embed_scale
     h = self.decoder(x, input_mask_BxL=dec_mask, positions_BxL=dec_positions, encoded_BxSxD=encoded,
-                     enc_mask_BxS=enc_mask, decode=decode, deterministic=deterministic)
+                     enc_mask_BxS=enc_mask, decode=decode, cache_len=cache_len,
+                     deterministic=deterministic)
     if cfg.tie_embeddings:
       scale = cfg.embed_dim ** -0.5 if cfg.scale_tied_logits else 1.0
       return self.token_embed.attend(h * scale)

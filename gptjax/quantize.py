@@ -3,8 +3,13 @@
 Every Dense kernel and embedding table becomes int8 values and a float32 scale
 per output channel (symmetric, scale = max|w| / 127 over the input axes), so
 |w - dequantize(q)| <= scale / 2 everywhere. Biases, norms and relative-position
-tables stay float32. Inference dequantizes once (`dequantize`) and runs the model
-unchanged; the saving is in stored / transferred bytes.
+tables stay float32.
+
+The model runs on the quantized tree directly: `Dense` and `Embed` (gptjax.layers) read a
+QTensor as int8 and multiply through gptjax.weight_matmul, which widens the int8 values inside
+the product, so a decoding step reads a quarter of the float32 bytes. A Dense kernel
+[*in, *out] is stored as rows [N, K] (one row of K inputs per output channel, N = prod(out),
+K = prod(in)), the layout that kernel streams; `dequantize` restores the float tree.
 """
 
 from __future__ import annotations
@@ -17,12 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.config_schema import ConfigError
 
 @flax.struct.dataclass
 class QTensor:
-  """int8 values and a float32 scale broadcastable against them."""
+  """int8 values and a float32 scale broadcastable against them.
+
+  With `shape` set (a Dense kernel) the values are [*lead, N, K] and the scale [*lead, N, 1]:
+  `shape` is the float kernel's [*lead, *in, *out] (lead: nn.scan's layer axis).
+  """
   values: jax.Array
   scale: jax.Array
+  shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 def _reduce_axes(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -37,6 +48,24 @@ def _reduce_axes(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _quantizable(path: str, x) -> bool:
   return path.rsplit("/", 1)[-1] in ("kernel", "embedding") and getattr(x, "ndim", 0) >= 2
+
+
+def _kernel_rows(w: jax.Array, n_lead: int, n_in: int) -> jax.Array:
+  """A [*lead, *in, *out] kernel as [*lead, N, K] rows, one per output channel."""
+  lead = w.shape[:n_lead]
+  k = int(np.prod(w.shape[n_lead:n_lead + n_in]))
+  return jnp.swapaxes(w.reshape(lead + (k, -1)), -1, -2)
+
+
+def unquantizable(params) -> list[str]:
+  """Paths of the kernels and embeddings int8 cannot represent (non-finite values)."""
+  bad = []
+  def check(path, x):
+    if _quantizable(path, x) and not bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32)))):
+      bad.append(path)
+    return x
+  _map_with_path(check, nn.meta.unbox(params))
+  return bad
 
 
 def quantize_tensor(w: jax.Array, reduce_axes: tuple[int, ...]) -> QTensor:
@@ -55,18 +84,44 @@ def _map_with_path(fn, tree, prefix: str = ""):
 
 
 def quantize_params(params) -> dict:
-  """The param tree with kernels/embeddings as QTensor (int8 + per-channel scale)."""
+  """The param tree with kernels/embeddings as QTensor (int8 + per-channel scale).
+
+  Raises ConfigError (one line listing them) when some tensor has non-finite values.
+  """
+  bad = unquantizable(params)
+  if bad:
+    raise ConfigError(f"quantize=int8 cannot represent these tensors (non-finite values): "
+                      f"{', '.join(bad)}; fix the checkpoint or leave config.quantize=''")
+
   def q(path, x):
-    return quantize_tensor(x, _reduce_axes(path, x.shape)) if _quantizable(path, x) else x
+    if not _quantizable(path, x):
+      return x
+    axes = _reduce_axes(path, x.shape)
+    if path.rsplit("/", 1)[-1] == "embedding":
+      return quantize_tensor(x, axes)
+    rows = _kernel_rows(x, axes[0], len(axes))
+    qt = quantize_tensor(rows, (rows.ndim - 1,))
+    return QTensor(qt.values, qt.scale, tuple(x.shape))
   return _map_with_path(q, nn.meta.unbox(params))
+
+
+def dequantize_tensor(x: QTensor, dtype=jnp.float32) -> jax.Array:
+  """The float tensor of one QTensor (values * scale, in the original layout)."""
+  w = x.values.astype(jnp.float32) * x.scale
+  if x.shape:
+    w = jnp.swapaxes(w, -1, -2).reshape(x.shape)
+  return w.astype(dtype)
+
+
+def half_step(x: QTensor) -> jax.Array:
+  """scale / 2 in the original layout: the bound on |w - dequantize_tensor(x)|."""
+  return dequantize_tensor(x.replace(values=jnp.ones_like(x.values))) / 2
 
 
 def dequantize(qtree, dtype=jnp.float32) -> dict:
   """Float params from a quantized tree (values * scale)."""
   def deq(x):
-    if isinstance(x, QTensor):
-      return (x.values.astype(jnp.float32) * x.scale).astype(dtype)
-    return x
+    return dequantize_tensor(x, dtype) if isinstance(x, QTensor) else x
   return jax.tree.map(deq, qtree, is_leaf=lambda x: isinstance(x, QTensor))
 
 
@@ -94,6 +149,6 @@ def max_error_ratio(params, qtree) -> float:
   flat_q = jax.tree.leaves(qtree, is_leaf=lambda x: isinstance(x, QTensor))
   for w, qt in zip(jax.tree.leaves(params), flat_q):
     if isinstance(qt, QTensor):
-      err = jnp.abs(jnp.asarray(w, jnp.float32) - qt.values.astype(jnp.float32) * qt.scale)
-      worst = max(worst, float(jnp.max(err / (qt.scale / 2))))
+      err = jnp.abs(jnp.asarray(w, jnp.float32) - dequantize_tensor(qt))
+      worst = max(worst, float(jnp.max(err / half_step(qt))))
   return worst

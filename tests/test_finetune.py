@@ -144,14 +144,17 @@ def test_int8_error_within_per_channel_bound(family):
   cfg = tiny(family)
   params = _init(cfg)
   qtree = quantize.quantize_params(params)
-  q = qtree["decoder"]["layers_0"]["self_attn"]["query"]["kernel"]
-  assert q.values.dtype == jnp.int8 and q.scale.shape == (1,) + q.values.shape[1:]
+  q = qtree["decoder"]["layers_0"]["self_attn"]["query"]["kernel"]  # [D, H, Dh] as [H * Dh, D]
+  d, h, dh = q.shape
+  assert q.values.dtype == jnp.int8 and q.values.shape == (h * dh, d)
+  assert q.scale.shape == (h * dh, 1)
   deq = quantize.dequantize(qtree)
   for w, qt, d in zip(jax.tree.leaves(params),
                       jax.tree.leaves(qtree, is_leaf=lambda x: isinstance(x, quantize.QTensor)),
                       jax.tree.leaves(deq)):
     if isinstance(qt, quantize.QTensor):
-      assert np.all(np.abs(np.asarray(w) - np.asarray(d)) <= np.asarray(qt.scale) / 2 * (1 + 1e-5))  # float rounding
+      bound = np.asarray(quantize.half_step(qt)) * (1 + 1e-5)  # float rounding
+      assert np.all(np.abs(np.asarray(w) - np.asarray(d)) <= bound)
     else:
       np.testing.assert_array_equal(np.asarray(w), np.asarray(d))
   assert quantize.max_error_ratio(params, qtree) <= 1 + 1e-5

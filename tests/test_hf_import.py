@@ -200,3 +200,22 @@ def test_init_from_checks_shapes_and_keeps_new_heads(gpt2_dir):
   with pytest.raises(ConfigError) as e:
     hf_import.load_init_params(f"hf:{gpt2_dir}", dataclasses.replace(cfg, num_layers=3), target)
   assert "num_layers" in _one_line(e)
+
+
+def test_gpt2_greedy_tokens_match_transformers_generate(tmp_path):
+  """decode.generate (per-request cache, one jitted loop) against GPT2LMHeadModel.generate."""
+  from gptjax import decode  # pylint: disable=g-import-not-at-top
+  conf = transformers.GPT2Config(vocab_size=97, n_positions=48, n_embd=32, n_layer=2, n_head=4)
+  ref = transformers.GPT2LMHeadModel(conf)
+  hf_dir = _save(ref, tmp_path)
+  cfg, params = hf_import.load_hf(hf_dir)
+  model = models.make_model(cfg)
+  rng = np.random.default_rng(1)
+  settings = decode.DecodeSettings(max_new_tokens=12, temperature=0.0)
+  for shape in ((2, 9), (1, 5), (3, 17)):
+    ids_BxL = rng.integers(0, 97, shape)
+    ours = decode.generate(model, params, ids_BxL.tolist(), settings, eos_id=None, pad_id=0)
+    with torch.no_grad():
+      theirs = ref.generate(torch.tensor(ids_BxL), attention_mask=torch.ones(shape, dtype=torch.long),
+                            max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert ours == theirs[:, shape[1]:].tolist()
