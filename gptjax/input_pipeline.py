@@ -21,7 +21,7 @@ import grain
 import jax
 import numpy as np
 
-from gptjax import corpora, finetune, masking
+from gptjax import corpora, finetune, masking, preference
 from gptjax.config_schema import ConfigError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -92,6 +92,8 @@ def data_fingerprint(config) -> str:
   if config.objective == "instruction":
     f = config.finetune
     files = [(os.path.basename(p), p) for p in (f.instruction_data, f.instruction_eval_data) if p]
+  if config.objective == "dpo":
+    files = [(os.path.basename(p), p) for p in preference.data_files(config)]
   for rel, path in files:
     if os.path.exists(path):
       h.update(f"{rel}:{os.path.getsize(path)}".encode())
@@ -150,6 +152,9 @@ class Examples:
     elif obj == "instruction":
       self.records = _instruction_records(config, split)
       self.n = len(self.records)
+    elif obj == "dpo":
+      self.pairs = preference.PairSource(config, tokenizer, split)
+      self.n = len(self.pairs)
     else:
       self.data = tokenized(config, tokenizer, split, "stream")
       self.raw_len = {"next_token": self.L + 1, "prefix_lm": self.L + 1, "mlm": self.L - 2,
@@ -271,6 +276,8 @@ class Examples:
       enc = [tok.bos_id] + list(source[:L - 2]) + [tok.eos_id]
       target = [tok.bos_id] + list(chunk) + [tok.eos_id]
       return self._seq2seq(np.asarray(enc), np.asarray(target), start=tok.eos_id)
+    if obj == "dpo":
+      return self.pairs.example(i)
     if obj == "instruction":
       ids, mask = finetune.format_sft_example(self.records[i], self.config.finetune.prompt_template,
                                               tok.tok, tok.eos_id)
