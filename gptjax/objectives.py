@@ -185,8 +185,13 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta
 
 def dpo(model, params, batch, rng, deterministic, *, beta: float = 0.1,
         label_smoothing: float = 0.0, loss: str = "sigmoid") -> Terms:
-  """Direct preference optimisation against reference log-probs carried in the batch."""
-  chosen, n_chosen, rejected, n_rejected = pair_logps(model, params, batch, rng, deterministic)
+  """Direct preference optimisation against reference log-probs carried in the batch.
+
+  Dropout stays off (as TRL's `disable_dropout`): the reference is scored without it, so the
+  policy is too, and at initialisation the two agree exactly (loss log 2).
+  """
+  del deterministic
+  chosen, n_chosen, rejected, n_rejected = pair_logps(model, params, batch, rng, True)
   ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
   if loss == "ipo":  # IPO compares per-token means (as TRL does)
     chosen, ref_chosen = chosen / jnp.maximum(n_chosen, 1.0), ref_chosen / jnp.maximum(n_chosen, 1.0)

@@ -191,3 +191,40 @@ def test_prompt_without_room_is_skipped_and_counted(load_config, tmp_path):
     preference.PairSource(load_config("gpt", "tiny", objective="dpo", **{
         "finetune.preference_data": imdb_pairs(tmp_path / "q.jsonl", n=40, skip_every=1)}),
         _ByteTokenizer(), "train")
+
+
+# ------------------------------------------------------------------ through the train loop
+@pytest.fixture(scope="module", name="sft_workdir")
+def _sft_workdir(tmp_path_factory, data_cache):
+  """A tiny GPT trained briefly on IMDb reviews: the SFT model and DPO reference."""
+  del data_cache
+  from conftest import load_config  # pylint: disable=import-outside-toplevel
+  from gptjax import train  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("sft"))
+  config = load_config("gpt", "tiny", **{"data.corpus": "imdb", "data.max_docs": 200,
+                                         "train.steps": 8, "train.progress": False})
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_dpo_trains_from_init_from_with_metrics(load_config, sft_workdir, tmp_path, trainable):
+  from gptjax import train  # pylint: disable=import-outside-toplevel
+  data = imdb_pairs(tmp_path / "p.jsonl", n=60)
+  config = load_config("gpt", "tiny", objective="dpo", init_from=sft_workdir, **{
+      "finetune.preference_data": data, "finetune.trainable": trainable, "train.steps": 6,
+      "train.log_every": 1, "train.eval_every": 6, "train.warmup_steps": 1,
+      "train.learning_rate": 1e-2, "train.progress": False, "dpo.kl_prompts": 3,
+      "generate.max_new_tokens": 6})
+  config_schema.validate(config)
+  final = train.train_and_evaluate(config, str(tmp_path / "dpo"))
+  with open(tmp_path / "dpo" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert records[0]["step"] == 1 and records[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+  for key in ("eval_dpo_loss", "eval_dpo_reward_accuracy", "eval_dpo_chosen_reward",
+              "eval_dpo_rejected_reward", "eval_dpo_margin", "eval_dpo_kl"):
+    assert math.isfinite(final[key]), key
+  assert final["dpo_loss"] != pytest.approx(math.log(2), abs=1e-4)  # it moved
+  with open(tmp_path / "dpo" / "manifest.json") as f:
+    manifest = json.load(f)
+  assert manifest["dpo_train_pairs"] == 57 and manifest["dpo_validation_pairs"] == 3
