@@ -158,6 +158,10 @@ def base_config() -> ml_collections.ConfigDict:
   g.repetition_penalty = 1.0
   g.stop = ""  # stop sequences separated by "|"
   g.seed = 0
+  # In-Context RALM (gptjax/retrieval.py): prepend passages from this index to each prompt
+  g.retrieval_index = ""
+  g.retrieval_k = 2
+  g.retrieval_query_tokens = 32  # the query: the prompt's last tokens
 
   # --------------------------------------------------------------- finetune
   f = c.finetune = ml_collections.ConfigDict()

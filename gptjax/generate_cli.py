@@ -94,8 +94,20 @@ def main(config, workdir: str, flag_values) -> None:
   ckpt_config.unlock()
   ckpt_config.generate = config.generate
   settings = decode.settings_from_config(ckpt_config, tokenizer)
-  texts = complete(ckpt_config, params, tokenizer, prompts, settings)
+  inputs, sources = prompts, None
+  if config.generate.retrieval_index:
+    from gptjax import retrieval  # pylint: disable=g-import-not-at-top
+    g = config.generate
+    index = retrieval.open_for_generation(g.retrieval_index)
+    max_len = ckpt_config.model.max_len
+    inputs, sources = retrieval.augment_prompts(
+        index, prompts, tokenizer, g.retrieval_k, g.retrieval_query_tokens,
+        max_len - min(settings.max_new_tokens, max_len // 2))
+  texts = complete(ckpt_config, params, tokenizer, inputs, settings)
   for i, (prompt, text) in enumerate(zip(prompts, texts)):
     if len(prompts) > 1:
       print(f"=== {i}")
+    for used in (sources[i] if sources else []):
+      print(f"[retrieved {used['rank']}] {used['source']} (score {used['score']:.3f}): "
+            f"{used['text'][:80]}...", flush=True)
     print(prompt + text, flush=True)
