@@ -42,10 +42,11 @@ flags.DEFINE_integer("seed", 0, "Seed of the LM and of the random control.")
 flags.DEFINE_bool("build_index_only", False, "Train the LM if needed, build the indices, stop.")
 
 PRESETS = {
-    "full": dict(variant="small", steps=1200, seq_len=256, max_docs=0, windows=400, stride=32,
-                 query_tokens=32, passage_words=32, max_passages=12000, doc_budget=160,
-                 batch=16, train=dict(warmup_steps=60, eval_every=400, ckpt_every=200,
-                                      log_every=50)),
+    # sized for 2 shared CPU cores: a 4-layer gpt:small at 128 tokens of context
+    "full": dict(variant="small", steps=800, seq_len=128, max_docs=0, windows=480, stride=16,
+                 query_tokens=16, passage_words=16, max_passages=16000, doc_budget=80,
+                 batch=32, model=dict(num_layers=4),
+                 train=dict(warmup_steps=40, eval_every=400, ckpt_every=100, log_every=20)),
     "smoke": dict(variant="tiny", steps=10, seq_len=64, max_docs=12, windows=12, stride=8,
                   query_tokens=8, passage_words=16, max_passages=150, doc_budget=24, batch=12,
                   train=dict(warmup_steps=2, eval_every=0, ckpt_every=10, log_every=5)),
@@ -63,6 +64,8 @@ def lm_config(p: dict):
   c.data.max_docs = p["max_docs"]
   c.train.steps = p["steps"]
   c.train.progress = FLAGS.preset == "full"
+  for k, v in p.get("model", {}).items():
+    c.model[k] = v
   for k, v in p["train"].items():
     c.train[k] = v
   return c
