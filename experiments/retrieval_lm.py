@@ -43,10 +43,10 @@ flags.DEFINE_bool("build_index_only", False, "Train the LM if needed, build the 
 
 PRESETS = {
     # sized for 2 shared CPU cores: a 4-layer gpt:small at 128 tokens of context
-    "full": dict(variant="small", steps=800, seq_len=128, max_docs=0, windows=480, stride=16,
-                 query_tokens=16, passage_words=16, max_passages=16000, doc_budget=80,
+    "full": dict(variant="small", steps=300, seq_len=128, max_docs=0, windows=320, stride=16,
+                 query_tokens=16, passage_words=16, max_passages=8000, doc_budget=80,
                  batch=32, model=dict(num_layers=4),
-                 train=dict(warmup_steps=40, eval_every=400, ckpt_every=100, log_every=20)),
+                 train=dict(warmup_steps=30, eval_every=300, ckpt_every=50, log_every=10)),
     "smoke": dict(variant="tiny", steps=10, seq_len=64, max_docs=12, windows=12, stride=8,
                   query_tokens=8, passage_words=16, max_passages=150, doc_budget=24, batch=12,
                   train=dict(warmup_steps=2, eval_every=0, ckpt_every=10, log_every=5)),

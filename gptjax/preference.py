@@ -130,7 +130,8 @@ class PairSource:
   """The encoded pairs of one split; `skipped` counts prompts that leave no room for a response."""
 
   def __init__(self, config, tokenizer, split: str):
-    self.config, self.split = config, split
+    # every split but train is the held-out one, whatever the corpus calls it
+    self.config, self.split = config, "train" if split == "train" else "eval"
     family, d = config.model.family, config.data
     L, T = d.seq_len, d.target_len or d.seq_len
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
