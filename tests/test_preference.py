@@ -228,3 +228,30 @@ def test_dpo_trains_from_init_from_with_metrics(load_config, sft_workdir, tmp_pa
   with open(tmp_path / "dpo" / "manifest.json") as f:
     manifest = json.load(f)
   assert manifest["dpo_train_pairs"] == 57 and manifest["dpo_validation_pairs"] == 3
+
+
+def test_sentiment_dpo_smoke_end_to_end_then_skips(tmp_path, data_cache):
+  del data_cache
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = [sys.executable, "experiments/sentiment_dpo.py", "--preset=smoke",
+          f"--workdir={tmp_path}/w", f"--out={tmp_path}/out"]
+  result = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": repo})
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert 0.0 <= record["reward_accuracy"] <= 1.0 and record["pairs"]["pairs"] > 0
+  methods = {r["method"] for r in record["rows"]}
+  assert methods == {"SFT temperature", "best of N", "DPO beta=0.1", "DPO beta=0.5", "DPO beta=1.0"}
+  for r in record["rows"]:
+    assert 0.0 <= r["reward"] <= 1.0 and math.isfinite(r["kl"])
+    if r["method"] == "best of N":
+      n = int(r["setting"][2:])
+      assert r["kl"] == pytest.approx(math.log(n) - (n - 1) / n)
+  t1 = next(r for r in record["rows"] if r["setting"] == "T=1.0")
+  assert t1["kl"] == pytest.approx(0.0, abs=1e-4)  # SFT at T=1 is the SFT policy
+  with open(tmp_path / "w" / "pairs.jsonl") as f:
+    assert all(set(json.loads(line)) == set(preference.FIELDS) for line in f)
+  assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
+  # every stage is stored, so a rerun skips it (experiments/finished_runs.py)
+  stages = ["sft", "reward", "pairs", "eval/best_of"] + [f"dpo_beta{b}_stage2" for b in (0.1, 0.5, 1.0)]
+  assert all((tmp_path / "w" / s / "result.json").exists() for s in stages)
