@@ -257,9 +257,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- loop
   writer = run_records.MetricsWriter(workdir, start_step, enabled=is_main)
+  sequences = config.data.batch_size * (2 if config.objective == "dpo" else 1)  # dpo: both responses
   flops_per_step = flops.train_flops_per_example(cfg, seq_len, target_len, config.objective) \
-      * config.data.batch_size
-  tokens_per_step = config.data.batch_size * (seq_len + target_len)
+      * sequences
+  tokens_per_step = sequences * (seq_len + target_len)
   peak = flops.measure_matmul_peak(jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
                                    n=2048, repeats=3)
   steps = config.train.steps
