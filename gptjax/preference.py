@@ -41,6 +41,8 @@ def validate_config(c) -> None:
   if not c.init_from:
     raise ConfigError("config.objective='dpo' needs config.init_from=WORKDIR or hf:DIR: the "
                       "fine-tuned model to start from, which is also the frozen reference")
+  for path in data_files(c):  # every record's fields, before anything compiles
+    load_preference_jsonl(path)
 
 
 def load_preference_jsonl(path: str) -> list[dict]:

@@ -155,6 +155,10 @@ def test_bad_configs_are_one_line(load_config, tmp_path):
                           ({"finetune.preference_data": ""}, "needs config.finetune.preference_data")]:
     with pytest.raises(ConfigError, match=message):
       config_schema.validate(load_config("gpt", "tiny", **{**ok, **change}))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"prompt": "Great", "rejected": " film"}) + "\n")
+  with pytest.raises(ConfigError, match=r"bad.jsonl:1: record 1 has no string 'chosen' field"):
+    config_schema.validate(load_config("gpt", "tiny", **{**ok, "finetune.preference_data": str(bad)}))
   with pytest.raises(ConfigError, match="config.objective='dpo' cannot train "
                                         "config.model.family='encoder_only'"):
     config_schema.validate(load_config("bert", "tiny", **ok))
