@@ -290,6 +290,9 @@ def augment_prompts(index: RetrievalIndex, prompts: Sequence[str], tokenizer, k:
   The query is the prompt's last `query_tokens` tokens under the LM's tokenizer; passages are cut
   from the front so that passages and prompt fit in `context_tokens`.
   """
+  if k < 1 or query_tokens < 1:
+    raise ConfigError(f"config.generate.retrieval_k={k} and retrieval_query_tokens={query_tokens} "
+                      "must be at least 1")
   queries = [tokenizer.decode(tokenizer.encode(p)[-query_tokens:]) for p in prompts]
   hits = index.search(queries, k)
   augmented, sources = [], []
