@@ -90,15 +90,17 @@ def main(config, workdir: str, flag_values) -> None:
   prompts = read_prompts(flag_values)
   settings = decode.settings_from_config(config)  # validated before the (slow) restore
   decode.check_settings(settings)
+  index = None
+  if config.generate.retrieval_index:  # a stale or foreign index fails before the restore
+    from gptjax import retrieval  # pylint: disable=g-import-not-at-top
+    index = retrieval.open_for_generation(config.generate.retrieval_index)
   ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
   ckpt_config.unlock()
   ckpt_config.generate = config.generate
   settings = decode.settings_from_config(ckpt_config, tokenizer)
   inputs, sources = prompts, None
-  if config.generate.retrieval_index:
-    from gptjax import retrieval  # pylint: disable=g-import-not-at-top
+  if index is not None:
     g = config.generate
-    index = retrieval.open_for_generation(g.retrieval_index)
     max_len = ckpt_config.model.max_len
     inputs, sources = retrieval.augment_prompts(
         index, prompts, tokenizer, g.retrieval_k, g.retrieval_query_tokens,
