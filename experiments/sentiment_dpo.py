@@ -42,11 +42,11 @@ flags.DEFINE_string("out", "experiments/results/sentiment_dpo", "Tables and the 
 flags.DEFINE_integer("seed", 0, "Seed of every stage.")
 
 PRESETS = {
-    # sized for about an hour of 2 shared CPU cores
+    # sized for under an hour of 2 shared CPU cores
     "full": dict(sft=dict(variant="small", steps=400, seq_len=64, max_docs=0, num_layers=4),
-                 reward=dict(source="minilm", steps=100, batch=32, seq_len=64, lr=5e-5),
-                 train_prefixes=600, eval_prefixes=96, new_tokens=24, betas=[0.05, 0.1, 0.5],
-                 dpo_steps=150, dpo_eval_every=50, dpo_lr=1e-4, temperatures=[0.7, 1.0, 1.3],
+                 reward=dict(source="minilm", steps=60, batch=32, seq_len=64, lr=5e-5),
+                 train_prefixes=400, eval_prefixes=64, new_tokens=24, betas=[0.05, 0.1, 0.5],
+                 dpo_steps=80, dpo_eval_every=40, dpo_lr=2e-4, temperatures=[0.7, 1.0, 1.3],
                  best_of=[2, 4, 8, 16]),
     "smoke": dict(sft=dict(variant="tiny", steps=6, seq_len=32, max_docs=60, num_layers=2),
                   reward=dict(source="scratch", steps=4, batch=8, seq_len=32, lr=1e-3),
