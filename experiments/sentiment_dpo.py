@@ -50,7 +50,7 @@ PRESETS = {
                  best_of=[2, 4, 8, 16]),
     "smoke": dict(sft=dict(variant="tiny", steps=6, seq_len=32, max_docs=60, num_layers=2),
                   reward=dict(source="scratch", steps=4, batch=8, seq_len=32, lr=1e-3),
-                  train_prefixes=24, eval_prefixes=8, new_tokens=6, betas=[0.1, 0.5, 1.0],
+                  train_prefixes=24, eval_prefixes=8, new_tokens=6, betas=[0.1, 0.5],
                   dpo_steps=2, dpo_eval_every=2, dpo_lr=1e-3, temperatures=[0.7, 1.0],
                   best_of=[2, 4, 8, 16]),
 }
