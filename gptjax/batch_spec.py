@@ -19,6 +19,12 @@ span_corruption  enc_inputs, enc_mask, dec_inputs, dec_targets, dec_weights
 denoise          enc_inputs, enc_mask, dec_inputs, dec_targets, dec_weights
 instruction      inputs, targets, weights (response tokens and EOS only), input_mask
                  (causal LM on `config.finetune.prompt_template` + response)
+dpo              prompt_inputs, prompt_mask (the prompt alone, [B, L]); chosen_inputs,
+                 chosen_targets, chosen_weights (response tokens and EOS only), chosen_mask and
+                 the same four rejected_*; decoder-only: prompt + response, [B, L];
+                 encoder-decoder: the decoder side, [B, T], prompt in the encoder;
+                 ref_chosen_logp, ref_rejected_logp [B] (the reference's sequence log-probs),
+                 pair_weights [B] (0 for padded eval examples)
 classification   inputs, input_mask, token_type_ids, labels [B], label_weights [B]
                  (encoder-decoder models read the same keys through the encoder)
 """
@@ -35,13 +41,16 @@ TOKEN_KEYS = {
     "denoise": ("enc_inputs", "enc_mask", "dec_inputs", "dec_targets", "dec_weights"),
     "classification": ("inputs", "input_mask", "token_type_ids", "labels", "label_weights"),
     "instruction": ("inputs", "targets", "weights", "input_mask"),
+    "dpo": ("prompt_inputs", "prompt_mask", "chosen_inputs", "chosen_targets", "chosen_weights",
+            "chosen_mask", "rejected_inputs", "rejected_targets", "rejected_weights",
+            "rejected_mask", "ref_chosen_logp", "ref_rejected_logp", "pair_weights"),
 }
 
 # Which family can train which objective, declared once.
 FAMILY_OBJECTIVES = {
     "encoder_only": ("mlm", "nsp", "sop", "mlm_nsp", "classification"),
-    "decoder_only": ("next_token", "prefix_lm", "classification", "instruction"),
-    "encoder_decoder": ("span_corruption", "denoise", "classification"),
+    "decoder_only": ("next_token", "prefix_lm", "classification", "instruction", "dpo"),
+    "encoder_decoder": ("span_corruption", "denoise", "classification", "dpo"),
 }
 
 

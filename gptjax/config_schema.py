@@ -170,6 +170,10 @@ def base_config() -> ml_collections.ConfigDict:
   g.stop = ""  # stop sequences separated by "|"
   g.seed = 0
   g.prompt_buckets = ""  # prompt widths sharing a compiled loop, e.g. "32,128,512"; "": 8, 16, ..
+  # In-Context RALM (gptjax/retrieval.py): prepend passages from this index to each prompt
+  g.retrieval_index = ""
+  g.retrieval_k = 2
+  g.retrieval_query_tokens = 32  # the query: the prompt's last tokens
 
   # --------------------------------------------------------------- finetune
   f = c.finetune = ml_collections.ConfigDict()
@@ -183,6 +187,17 @@ def base_config() -> ml_collections.ConfigDict:
   # 20th record is held out for eval.
   f.instruction_data = ""
   f.instruction_eval_data = ""
+  # objective=dpo: JSONL of {prompt, chosen, rejected}; without an eval file every 20th record is
+  # held out for eval.
+  f.preference_data = ""
+  f.preference_eval_data = ""
+
+  # ------------------------------------------------------- dpo (gptjax/preference.py)
+  po = c.dpo = ml_collections.ConfigDict()
+  po.beta = 0.1  # strength of the KL regularisation towards the reference
+  po.label_smoothing = 0.0  # conservative DPO: the probability that a preference label is flipped
+  po.loss = "sigmoid"  # sigmoid (DPO) | ipo
+  po.kl_prompts = 16  # held-out prompts sampled at every eval for the policy's KL to the reference
   return c
 
 
@@ -273,6 +288,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.objective == "instruction" and not c.finetune.instruction_data:
     raise ConfigError("config.objective='instruction' needs config.finetune.instruction_data="
                       "PATH.jsonl (records with instruction, input, output)")
+  if c.objective == "dpo":
+    from gptjax import preference  # pylint: disable=g-import-not-at-top
+    preference.validate_config(c)
   validate_lengths(c)
 
 

@@ -97,6 +97,10 @@ def main(config, workdir: str, flag_values) -> None:
   prompts = read_prompts(flag_values)
   settings = decode.settings_from_config(config)  # validated before the (slow) restore
   decode.check_settings(settings)
+  index = None
+  if config.generate.retrieval_index:  # a stale or foreign index fails before the restore
+    from gptjax import retrieval  # pylint: disable=g-import-not-at-top
+    index = retrieval.open_for_generation(config.generate.retrieval_index)
   ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
   ckpt_config.unlock()
   ckpt_config.generate = config.generate
@@ -104,8 +108,18 @@ def main(config, workdir: str, flag_values) -> None:
   if config.quantize == "int8":  # int8 weights read directly by the decoding steps
     from gptjax import quantize  # pylint: disable=g-import-not-at-top
     params = quantize.quantize_params(params)
-  texts = complete(ckpt_config, params, tokenizer, prompts, settings)
+  inputs, sources = prompts, None
+  if index is not None:
+    g = config.generate
+    max_len = ckpt_config.model.max_len
+    inputs, sources = retrieval.augment_prompts(
+        index, prompts, tokenizer, g.retrieval_k, g.retrieval_query_tokens,
+        max_len - min(settings.max_new_tokens, max_len // 2))
+  texts = complete(ckpt_config, params, tokenizer, inputs, settings)
   for i, (prompt, text) in enumerate(zip(prompts, texts)):
     if len(prompts) > 1:
       print(f"=== {i}")
+    for used in (sources[i] if sources else []):
+      print(f"[retrieved {used['rank']}] {used['source']} (score {used['score']:.3f}): "
+            f"{used['text'][:80]}...", flush=True)
     print(prompt + text, flush=True)

