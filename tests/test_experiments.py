@@ -12,7 +12,7 @@ import objective_directions as od  # pylint: disable=g-import-not-at-top,wrong-i
 SCRIPT = REPO / "experiments" / "compare_objectives.py"
 
 
-def _run(*args, timeout=600):
+def _run(*args, timeout=1800):
   return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True,
                         text=True, timeout=timeout)
 

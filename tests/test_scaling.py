@@ -53,7 +53,7 @@ def test_fits_recover_known_exponents_from_noisy_synthetic_losses():
   assert "Kaplan 0.73" in lines[0] and "Chinchilla 0.34" in lines[2]
 
 
-def _run(*args, timeout=600):
+def _run(*args, timeout=1800):
   return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True,
                         text=True, timeout=timeout)
 
