@@ -146,15 +146,17 @@ def pretrain_config(arm: str, preset: dict, seed: int):
   return _quiet(c, steps, preset["eval_steps"])
 
 
-def finetune_config(arm: str, preset: dict, seed: int, init_from: str, trainable: str, steps: int):
-  """sst2 classification from `init_from` ('' = scratch) with `trainable` params."""
+def finetune_config(arm: str, preset: dict, seed: int, init_from: str, trainable: str, steps: int,
+                    tokenizer_path: str = ""):
+  """sst2 classification from `init_from` ('' = scratch, with the pre-trained arm's vocabulary
+  from `tokenizer_path`, so scratch and fine-tune differ only in their initial weights)."""
   family = ARMS[arm][0]
   overrides = {"objective": "classification", "data.corpus": "sst2", "model.num_classes": 2,
                "seed": seed, "data.seed": seed, "data.seq_len": min(preset["seq_len"], 64),
                "data.batch_size": preset["ft_batch"], "data.eval_batch_size": preset["ft_batch"],
                "init_from": init_from, "data.max_docs": preset["ft_max_docs"],
                "finetune.trainable": trainable, "train.learning_rate": preset["ft_lr"],
-               **preset["body"]}
+               "data.tokenizer.path": tokenizer_path, **preset["body"]}
   if preset["body"]:
     overrides.update(LAYERS[family])
   if family in ("t5", "bart"):
@@ -332,7 +334,8 @@ def run_unit(arm: str, seed: int, config, preset: dict, majority: float) -> dict
                              preset["probe_dev"], random_body=True)
     full = run_once(finetune_config(arm, preset, seed, pre_dir, "all", preset["ft_steps"]),
                     os.path.join(root, "finetune"), "fine-tune")
-    scratch = run_once(finetune_config(arm, preset, seed, "", "all", preset["ft_steps"]),
+    scratch = run_once(finetune_config(arm, preset, seed, "", "all", preset["ft_steps"],
+                                       os.path.join(pre_dir, "tokenizer.json")),
                        os.path.join(FLAGS.out, f"scratch_{family}", f"seed{seed}"), f"scratch ({family})")
     intrinsic_loss = pre.get(INTRINSIC[arm][2])
     return {
