@@ -351,7 +351,12 @@ def plan(argv_spec: str, spec_file: str, fixed_text: str):
 
 def sweep(root: str) -> Registry:
   """Plans, skips finished runs, launches the rest through submitit and waits for them."""
-  runs = plan(FLAGS.sweep, FLAGS.sweep_file, FLAGS.set)
+  return launch(root, FLAGS.config, plan(FLAGS.sweep, FLAGS.sweep_file, FLAGS.set))
+
+
+def launch(root: str, base_spec: str, runs: list) -> Registry:
+  """Registers `runs` [(run id, overrides, config)] in ROOT, skips the finished ones and launches the
+  rest through submitit (--cluster, --parallel, --retries), waiting for them; returns the registry."""
   os.makedirs(root, exist_ok=True)
   registry = Registry(root)
   from gptjax import run_records  # pylint: disable=g-import-not-at-top
@@ -360,7 +365,7 @@ def sweep(root: str) -> Registry:
   for rid, overrides, _ in runs:
     workdir = os.path.join(os.path.abspath(root), rid)
     if rid not in registry.runs or registry.runs[rid].get("status") != "done":
-      registry.update(rid, overrides=overrides, workdir=workdir, base_config=FLAGS.config,
+      registry.update(rid, overrides=overrides, workdir=workdir, base_config=base_spec,
                       git_commit=commit, status="pending")
     r = refresh(registry, rid)
     if r["status"] == "done":
@@ -384,7 +389,7 @@ def sweep(root: str) -> Registry:
       stale = os.path.join(r["workdir"], "sweep_result.json")
       if os.path.exists(stale):
         os.remove(stale)  # a failed attempt: relaunch (training resumes from its checkpoint)
-      command = train_command(FLAGS.config, r["workdir"], r["overrides"])
+      command = train_command(base_spec, r["workdir"], r["overrides"])
       job = executor.submit(train_run, command, r["workdir"])
       attempts[rid] += 1
       registry.update(rid, status="running", job_id=str(job.job_id), command=" ".join(command[1:]),

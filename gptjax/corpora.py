@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gptjax import enwiki
 from gptjax.config_schema import ConfigError
 
 tfds.disable_progress_bar()
@@ -34,6 +35,7 @@ RAW_FILES = {
     "tinystories": {"all": "tinystories/train_head.txt"},
     "sst2": {"train": "sst2/train.tsv", "validation": "sst2/dev.tsv"},
     "imdb": {"train": "imdb/train_subset.jsonl", "test": "imdb/test_subset.jsonl"},
+    "enwiki2015": {"all": enwiki.RAW},
 }
 _GH = "https://raw.githubusercontent.com/"
 # raw file -> (canonical url, sha256); files derived by hand (see SOURCES.md) have no url
@@ -234,6 +236,10 @@ def load_documents(corpus: str, split: str, raw_dir: str, text_files: str = "",
     raise ConfigError(f"config.data.corpus={corpus!r} is unknown; allowed: "
                       f"{', '.join(list(RAW_FILES) + ['text_files'])} or a prepared TFDS name")
   files = RAW_FILES[corpus]
+  if corpus == "enwiki2015":  # held out by article (gptjax/enwiki.py)
+    if split not in enwiki.SPLITS:
+      raise ConfigError(f"corpus {corpus!r} has no split {split!r}; it has: {', '.join(enwiki.SPLITS)}")
+    return [_doc(d) for d in enwiki.documents(raw_file(files["all"], raw_dir), split)]
   if corpus in ("tiny_shakespeare", "tinystories"):
     text = read_text(raw_file(files["all"], raw_dir), stats)
     parts = shakespeare_docs(text) if corpus == "tiny_shakespeare" else story_docs(text)
@@ -286,6 +292,7 @@ class GptjaxCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager
     splits = {"tiny_shakespeare": ("train", "validation", "test"),
               "tinystories": ("train", "validation", "test"),
+              "enwiki2015": enwiki.SPLITS,
               "text_files": ("train", "validation")}.get(self.corpus, tuple(RAW_FILES.get(self.corpus, {})))
     counts, docs = [], {}
     for s in splits:
@@ -294,7 +301,7 @@ class GptjaxCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       counts.append(stats.get("invalid_utf8", 0))
       if not docs[s]:
         raise ConfigError(f"corpus {self.corpus!r} split {s!r} is empty: its raw files hold no text")
-    one_file = self.corpus in ("tiny_shakespeare", "tinystories", "text_files")  # every split reads it
+    one_file = self.corpus in ("tiny_shakespeare", "tinystories", "text_files", "enwiki2015")  # every split reads it
     self.info.metadata["invalid_utf8"] = int(counts[0] if one_file else sum(counts))
     return {s: self._generate_examples(docs[s]) for s in splits}
 

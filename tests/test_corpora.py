@@ -94,3 +94,29 @@ def test_empty_corpus_is_an_error(data_cache, tmp_path):
   with pytest.raises(FileNotFoundError, match="matches no file"):
     _docs("text_files", "train", **{"data.text_files": str(tmp_path / "*.nothing")})
   assert np.isscalar(corpora.invalid_utf8_count(_load("gpt")))
+
+
+def test_enwiki2015_articles_held_out_by_article(data_cache):
+  del data_cache
+  from gptjax import enwiki
+  parts = {s: _docs("enwiki2015", s) for s in enwiki.SPLITS}
+  titles = {s: [d["text"].split("\n", 1)[0] for d in parts[s]] for s in parts}
+  assert titles["train"][0] == "Anarchism" and parts["train"][0]["text"].count("\n") > 10
+  assert 6000 < len(parts["train"]) < 6400 and 80 < len(parts["validation"]) < 160
+  assert 80 < len(parts["test"]) < 180
+  assert not set(titles["train"]) & (set(titles["validation"]) | set(titles["test"]))  # by article
+  everything = [t for s in parts for t in titles[s]]
+  assert not set(everything) & enwiki.WIKITEXT2_OVERLAP and "Antimony" not in everything
+  text = "\n".join(d["text"] for d in parts["validation"])
+  assert "<doc" not in text and "</doc>" not in text and "()" not in text and "<ref" not in text
+
+
+def test_enwiki_cleanup_and_split_are_stable():
+  from gptjax import enwiki
+  assert enwiki.clean_line('Apollo as Articenens ( ; "bow-carrying"). Apollo ().') == \
+      'Apollo as Articenens ("bow-carrying"). Apollo.'
+  assert enwiki.clean_line("in [[Malaysia]] at the [[Petronas|Petronas Towers]].<ref name=x/>") == \
+      "in Malaysia at the Petronas Towers."
+  assert enwiki.split_of("12") == enwiki.split_of("12")
+  raw = '<doc id="7" url="u" title="T">\nT\n\nFirst para.\nHistory.\nSecond.\n\n</doc>\n'
+  assert enwiki.parse_articles(raw) == [("7", "T", "T\nFirst para.\nHistory.\nSecond.")]

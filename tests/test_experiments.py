@@ -1,4 +1,4 @@
-"""experiments/compare_objectives.py end to end (smoke preset) and its bad-input lines."""
+"""experiments/compare_objectives.py end to end (smoke preset), its bad-input lines, and the verdicts."""
 
 import csv
 import subprocess
@@ -6,10 +6,13 @@ import sys
 
 from conftest import REPO
 
+sys.path.insert(0, str(REPO / "experiments"))
+import objective_directions as od  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 SCRIPT = REPO / "experiments" / "compare_objectives.py"
 
 
-def _run(*args, timeout=300):
+def _run(*args, timeout=1800):
   return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -17,24 +20,30 @@ def _run(*args, timeout=300):
 def test_smoke_preset_two_arms_end_to_end_then_skips_on_rerun(tmp_path, data_cache):
   del data_cache
   out = tmp_path / "cmp"
-  args = ["--preset=smoke", "--arms=mlm,next_token", "--seeds=0", f"--out={out}"]
+  args = ["--preset=smoke", "--arms=mlm_sop,next_token", "--seeds=0", f"--out={out}"]
   result = _run(*args)
   assert result.returncode == 0, result.stderr[-3000:]
   for name in ("results.csv", "results.md", "loss_vs_flops.png", "downstream_accuracy.png"):
     assert (out / name).stat().st_size > 0, name
   rows = list(csv.DictReader(open(out / "results.csv")))
-  assert [r["arm"] for r in rows] == ["mlm", "next_token"]
+  assert [r["arm"] for r in rows] == ["mlm_sop", "next_token"]
   for r in rows:
     assert 0.0 <= float(r["finetune_acc"]) <= 1.0 and 0.0 <= float(r["probe_acc"]) <= 1.0
-    assert int(r["loss_tokens"]) > 0 and int(r["pretrain_steps"]) == 12
+    assert int(r["loss_tokens"]) > 0 and int(r["pretrain_steps"]) == 6
+    assert float(r["unigram_loss"]) > 1.0 and float(r["intrinsic_loss"]) > 0
+    assert abs(float(r["nats_below_unigram"]) - (float(r["unigram_loss"]) - float(r["intrinsic_loss"]))) < 1e-9
+  by_arm = {r["arm"]: r for r in rows}
   # next-token puts a loss on every token, MLM on ~15%: the loss-bearing counts must show it.
-  by_arm = {r["arm"]: int(r["loss_tokens"]) for r in rows}
-  assert by_arm["next_token"] > 4 * by_arm["mlm"]
+  assert int(by_arm["next_token"]["loss_tokens"]) > 4 * int(by_arm["mlm_sop"]["loss_tokens"])
+  # ALBERT's cross-task check: the pair arm is evaluated on both kinds of pairs, LM arms on none
+  assert 0 <= float(by_arm["mlm_sop"]["nsp_acc"]) <= 1 and 0 <= float(by_arm["mlm_sop"]["sop_acc"]) <= 1
+  assert by_arm["next_token"]["nsp_acc"] == ""
   table = (out / "results.md").read_text()
-  assert "| mlm |" in table and "majority class" in table
+  assert "| mlm_sop |" in table and "majority class" in table and "| verdict |" in table
+  assert "[n/a]" in table  # one seed: no interval is made up
   rerun = _run(*args)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert rerun.stdout.count("done before, skipped") == 10  # 2 arms x (pretrain, 2 probes, ft, scratch)
+  assert rerun.stdout.count("done before, skipped") == 2  # one finished unit row per arm
 
 
 def test_unknown_arm_and_tiny_budget_are_one_line(tmp_path):
@@ -44,3 +53,32 @@ def test_unknown_arm_and_tiny_budget_are_one_line(tmp_path):
   result = _run("--preset=smoke", "--arms=mlm", "--budget=10", f"--out={tmp_path}")
   assert result.returncode != 0
   assert "too small for one step" in result.stderr.strip().splitlines()[-1]
+
+
+def test_verdicts_on_hand_made_intervals():
+  assert od.verdict(+0.9, [0.01, 0.05]) == "reproduced"
+  assert od.verdict(-0.6, [-0.05, -0.01]) == "reproduced"
+  assert od.verdict(+0.9, [-0.05, -0.01]) == "opposite"
+  assert od.verdict(-0.1, [0.02, 0.03]) == "opposite"
+  assert od.verdict(+3.6, [-0.01, 0.04]) == "inconclusive"  # the interval contains 0
+  assert od.verdict(+3.6, [0.0, 0.04]) == "inconclusive"
+  assert od.verdict(+3.6, "n/a") == "inconclusive"
+
+
+def test_intervals_and_directions_table_from_rows():
+  mean, interval = od.t_interval([0.1, 0.2, 0.3])
+  # t(0.975, 2) = 4.303; sd = 0.1; half width 4.303 * 0.1 / sqrt(3)
+  assert abs(mean - 0.2) < 1e-12 and abs(interval[1] - 0.2 - 4.3027 * 0.1 / 3 ** 0.5) < 1e-3
+  assert od.t_interval([0.5]) == (0.5, "n/a")
+  rows = [{"arm": arm, "seed": s, "finetune_acc": acc, "scratch_acc": 0.7, "probe_acc": 0.6,
+           "probe_random_acc": 0.55, "sop_acc": "", "nsp_acc": ""}
+          for arm, base in (("mlm_sop", 0.80), ("mlm_nsp", 0.75)) for s, acc in
+          ((0, base), (1, base + 0.01), (2, base - 0.01))]
+  assert od.paired_deltas(rows, "finetune_acc", "mlm_sop", "mlm_nsp") == \
+      [0.80 - 0.75, 0.81 - 0.76, 0.79 - 0.74]
+  table = "\n".join(od.directions_table(rows))
+  sop_row = next(ln for ln in table.splitlines() if ln.startswith("| SOP vs NSP, SST-2"))
+  assert "| 3 | reproduced |" in sop_row and "+5.000" in sop_row
+  assert "| no NSP vs MLM+NSP, SST-2 | -0.1 | no runs | 0 | no runs |" in table
+  gains = "\n".join(od.gains_table(rows))
+  assert "| mlm_sop | 3 | +0.100 [" in gains

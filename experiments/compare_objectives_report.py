@@ -1,0 +1,132 @@
+"""compare_objectives' outputs: results.csv, results.md (tables, thresholds, directions), PNGs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import numpy as np
+
+import objective_directions  # pylint: disable=g-import-not-at-top  (experiments/)
+
+COLUMNS = ["arm", "seed", "params", "pretrain_steps", "pretrain_tokens", "loss_tokens",
+           "intrinsic_name", "intrinsic", "intrinsic_loss", "unigram_loss", "nats_below_unigram",
+           "nsp_acc", "sop_acc", "probe_acc", "probe_random_acc", "finetune_acc", "scratch_acc",
+           "majority_acc", "pretrain_wall_s", "unit_wall_s", "git_commit"]
+# the issue's thresholds: pre-training ends >= 1 nat below its unigram baseline; every fine-tune
+# (and scratch) ends >= 0.15 above the majority class on sst2 dev
+LEARNED_NATS, ABOVE_MAJORITY = 1.0, 0.15
+
+
+def _mean_std(values):
+  values = [float(v) for v in values if v not in (None, "") and not math.isnan(float(v))]
+  if not values:
+    return float("nan"), float("nan")
+  return float(np.mean(values)), float(np.std(values))
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of an existing results.csv (empty when there is none)."""
+  if not os.path.exists(path):
+    return []
+  with open(path, newline="", encoding="utf-8") as f:
+    return list(csv.DictReader(f))
+
+
+def write_csv(out: str, rows: list[dict]) -> None:
+  """results.csv, one row per finished (arm, seed) unit, written atomically."""
+  path = os.path.join(out, "results.csv")
+  with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+  os.replace(path + ".tmp", path)
+
+
+def _cell(rows, arm, key) -> str:
+  vals = [r.get(key) for r in rows if r["arm"] == arm]
+  m, s = _mean_std(vals)
+  return "" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+
+
+def thresholds(rows: list[dict], majority: float) -> list[str]:
+  """Per unit: does pre-training end >= 1 nat below unigram, fine-tune and scratch >= +0.15."""
+  lines = ["| arm | seed | nats below unigram | meets >= 1 | fine-tune - majority | scratch - majority "
+           "| both >= 0.15 |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    nats = r.get("nats_below_unigram")
+    ft = float(r["finetune_acc"]) - majority if r.get("finetune_acc") not in (None, "") else None
+    sc = float(r["scratch_acc"]) - majority if r.get("scratch_acc") not in (None, "") else None
+    learned = "" if nats in (None, "") else ("yes" if float(nats) >= LEARNED_NATS else "no")
+    ok = "" if ft is None or sc is None else \
+        ("yes" if min(ft, sc) >= ABOVE_MAJORITY else "no")
+    lines.append(f"| {r['arm']} | {r['seed']} | {'' if nats in (None, '') else f'{float(nats):.2f}'} "
+                 f"| {learned} | {'' if ft is None else f'{ft:+.3f}'} | "
+                 f"{'' if sc is None else f'{sc:+.3f}'} | {ok} |")
+  return lines
+
+
+def write_markdown(out: str, rows: list[dict], majority: float, header: list[str],
+                   published: dict) -> str:
+  """results.md: the per-arm table, gains with intervals, thresholds, directions; returns it."""
+  arms = list(dict.fromkeys(r["arm"] for r in rows))
+  cols = [("intrinsic", "intrinsic metric"), ("intrinsic_loss", "intrinsic loss"),
+          ("unigram_loss", "unigram loss"), ("nsp_acc", "NSP pairs"), ("sop_acc", "SOP pairs"),
+          ("probe_acc", "sst2 probe"), ("probe_random_acc", "probe, random body"),
+          ("finetune_acc", "sst2 fine-tune"), ("scratch_acc", "sst2 scratch")]
+  lines = header + ["", "| arm | seeds | params | tokens | " + " | ".join(c[1] for c in cols)
+                    + " | published direction |", "|---|---|---|---|" + "---|" * (len(cols) + 1)]
+  for arm in arms:
+    mine = [r for r in rows if r["arm"] == arm]
+    name = mine[0].get("intrinsic_name", "")
+    cells = [(f"{name} " if key == "intrinsic" else "") + _cell(rows, arm, key) for key, _ in cols]
+    lines.append(f"| {arm} | {len(mine)} | {int(float(mine[0]['params'])):,} | "
+                 f"{int(float(mine[0]['pretrain_tokens'])):,} | " + " | ".join(cells)
+                 + f" | {published.get(arm, '')} |")
+  lines += ["", f"majority class on sst2 dev: {majority:.3f}", "",
+            "Pre-training helps? Means over seeds with 95% t-intervals (n/a: one seed):", ""]
+  lines += objective_directions.gains_table(rows)
+  lines += ["", "Thresholds (computed from results.csv):", ""] + thresholds(rows, majority)
+  lines += ["", "Published directions (our delta: the same difference per seed, paired; verdict "
+            "computed from the interval):", ""] + objective_directions.directions_table(rows)
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  return text
+
+
+def write_plots(out: str, rows: list, curves: dict, majority: float) -> None:
+  """loss_vs_flops.png (pre-training curves) and downstream_accuracy.png (bars with std)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  arms = list(dict.fromkeys(r["arm"] for r in rows))
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for arm in arms:
+    curve = curves.get(arm) or []
+    if curve:
+      ax.plot([c[0] for c in curve], [c[1] for c in curve], label=arm)
+  ax.set_xlabel("training FLOPs")
+  ax.set_ylabel("train loss")
+  ax.set_xscale("log")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "loss_vs_flops.png"), dpi=120)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(8, 4))
+  x = np.arange(len(arms))
+  bars = [("probe_acc", "linear probe"), ("probe_random_acc", "probe, random body"),
+          ("finetune_acc", "fine-tune"), ("scratch_acc", "fine-tune from scratch")]
+  for i, (key, label) in enumerate(bars):
+    stats = [_mean_std([r.get(key) for r in rows if r["arm"] == a]) for a in arms]
+    ax.bar(x + (i - 1.5) * 0.2, [s[0] for s in stats], 0.2, yerr=[s[1] for s in stats],
+           label=label, capsize=3)
+  ax.axhline(majority, color="k", ls="--", lw=1, label="majority class")
+  ax.set_xticks(x)
+  ax.set_xticklabels(arms, rotation=20, fontsize=8)
+  ax.set_ylabel("sst2 dev accuracy")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "downstream_accuracy.png"), dpi=120)
+  plt.close(fig)
