@@ -269,9 +269,15 @@ def test_eval_takes_data_paths_and_overrides_from_the_command_line(trained, tmp_
 
 
 # ------------------------------------------------------------------ quiet runs
+def test_first_use_of_a_corpus_prints_one_gptjax_line(tmp_path):
+  code, out, err = run_tiny_cli(tmp_path / "fresh_cache", "--mode=data")
+  assert code == 0, err[-2000:]
+  assert "Downloading and preparing" not in out and "preparing corpus 'tiny_shakespeare'" in out
+
+
 def test_training_and_generate_print_no_library_warnings(trained, data_cache):
   _, out, err = trained
-  assert "Downloading and preparing" not in out and "preparing corpus 'tiny_shakespeare'" in out
+  assert "Downloading and preparing" not in out
   assert not [l for l in (out + err).splitlines() if l.startswith(("W11", "I11", "WARNING"))]
   code, out, err = run_tiny_cli(data_cache, f"--workdir={trained[0]}", "--mode=generate",
                         "--prompt=ROMEO:", "--config.generate.max_new_tokens=4")
