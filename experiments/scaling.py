@@ -57,7 +57,7 @@ flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples for the intervals.")
 BASE = "configs/gpt.py:tiny"
 # (embed_dim, num_layers, num_heads); mlp 4x width
 PRESETS = {
-    "smoke": dict(ladder=[(16, 1, 2), (24, 1, 2), (32, 2, 4), (48, 2, 4)], budgets=[3e8, 1e9, 3e9],
+    "smoke": dict(ladder=[(16, 1, 2), (32, 2, 4), (48, 2, 4)], budgets=[3e8, 1e9],
                   seeds=[0], vocab=512, seq_len=32, batch=8, eval_steps=4, lr=3e-3,
                   max_docs=40, parallel=2),
     # 41k..656k parameters around Chinchilla's N_opt ~ sqrt(C / 120) for these budgets (the 41k
