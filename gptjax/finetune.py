@@ -7,8 +7,6 @@ optimizer state and never change.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable, Sequence, Union
 
 import flax.linen as nn
@@ -16,6 +14,7 @@ import jax
 import numpy as np
 import optax
 
+from gptjax import jsonl_records
 from gptjax.config_schema import ConfigError
 
 HEAD_PARAMS = ("classifier", "pooler", "nsp_head", "mlm_transform", "mlm_norm", "mlm_bias", "lm_head")
@@ -119,24 +118,9 @@ def format_sft_example(record: dict, template: str, tokenizer: TokenizerLike,
 
 def load_sft_jsonl(path: str) -> list[dict]:
   """Records {instruction, input, output} from a JSONL file; one-line ConfigError on a bad line."""
-  if not os.path.isfile(path):
-    raise ConfigError(f"instruction data {path!r} does not exist")
-  records = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-      for key in ("instruction", "output"):
-        if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
-          raise ConfigError(f"{path}:{n}: record needs a string {key!r} field")
-      rec.setdefault("input", "")
-      records.append(rec)
-  if not records:
-    raise ConfigError(f"instruction data {path!r} has no records")
+  records = jsonl_records.read_records(path, "instruction data", ("instruction", "output"))
+  for rec in records:
+    rec.setdefault("input", "")
   return records
 
 

@@ -10,7 +10,6 @@ The loss itself lives with the others in gptjax/objectives.py (`objectives.dpo`)
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Optional, Sequence
 
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gptjax import objectives
+from gptjax import jsonl_records, objectives
 from gptjax.config_schema import ConfigError
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -47,27 +46,7 @@ def validate_config(c) -> None:
 
 def load_preference_jsonl(path: str) -> list[dict]:
   """Records {prompt, chosen, rejected} from JSONL; one-line ConfigError naming a bad record."""
-  if not os.path.isfile(path):
-    raise ConfigError(f"preference data {path!r} does not exist")
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-      if not isinstance(rec, dict):
-        raise ConfigError(f"{path}:{n}: record {len(records) + 1} is not a JSON object")
-      for key in FIELDS:
-        if not isinstance(rec.get(key), str):
-          raise ConfigError(f"{path}:{n}: record {len(records) + 1} has no string {key!r} field "
-                            f"(each record needs {', '.join(FIELDS)})")
-      records.append(rec)
-  if not records:
-    raise ConfigError(f"preference data {path!r} has no records")
-  return records
+  return jsonl_records.read_records(path, "preference data", FIELDS)
 
 
 def split_records(config, split: str) -> list[dict]:
