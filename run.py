@@ -34,14 +34,14 @@ flags.DEFINE_integer("icl_examples", 200, "--mode=icl: evaluation examples per s
 
 # mode -> "module:function"; each function takes (config, workdir, flag_values).
 MODES = {
-    "summary": "gptjax.summary_cli:main",
-    "train": "gptjax.train:main",
-    "data": "gptjax.data_report:main",
-    "generate": "gptjax.generate_cli:main",
-    "icl": "gptjax.icl:main",
-    "embed": "gptjax.embeddings:main",
-    "analyze": "gptjax.analysis:main",
-    "eval": "gptjax.train:evaluate_main",
+    "summary": "gptjax.analysis.summary_cli:main",
+    "train": "gptjax.training.train:main",
+    "data": "gptjax.data.report:main",
+    "generate": "gptjax.inference.generate:main",
+    "icl": "gptjax.inference.icl:main",
+    "embed": "gptjax.inference.sentence_embeddings:main",
+    "analyze": "gptjax.analysis.checkpoint_analysis:main",
+    "eval": "gptjax.training.train:evaluate_main",
 }
 
 NEEDS_WORKDIR = {"train", "generate", "analyze", "eval"}

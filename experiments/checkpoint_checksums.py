@@ -44,8 +44,10 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from gptjax import checkpointing, sharding, train  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from gptjax.training import sharding
+  from gptjax.training import train
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   cfg = ModelConfig.from_config(config.model)
   mesh = sharding.make_mesh(config.parallelism)

@@ -114,8 +114,8 @@ def _quiet(c, steps: int, eval_steps: int):
 
 def pretrain_config(arm: str, preset: dict, seed: int):
   """The arm's pre-training config, with its step count set by the shared budget."""
-  from gptjax import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   family, objective, extra = ARMS[arm]
   overrides = {"objective": objective, "data.corpus": "enwiki2015", "seed": seed,
                "data.seed": seed, "data.seq_len": preset["seq_len"], "data.max_docs": preset["max_docs"],
@@ -180,7 +180,8 @@ def run_once(config, workdir: str, label: str) -> dict:
 
 
 def _sst2(split: str) -> tuple[list, list]:
-  from gptjax import corpora, embeddings  # pylint: disable=g-import-not-at-top
+  from gptjax.data import corpora  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import sentence_embeddings as embeddings
   return embeddings.read_labelled_tsv(os.path.join(corpora.raw_data_dir(), "sst2", split))
 
 
@@ -206,8 +207,10 @@ def run_probe(pre_dir: str, workdir: str, label: str, seed: int, n_train: int, n
   """Linear probe on sst2 of the frozen body in `pre_dir` (or of a fresh init of its architecture)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from gptjax import checkpointing, embeddings, models  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import sentence_embeddings as embeddings
+  from gptjax.model import models
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
 
   def compute():
     run_config, params, tokenizer = checkpointing.restore_for_inference(pre_dir)
@@ -233,14 +236,14 @@ def run_probe(pre_dir: str, workdir: str, label: str, seed: int, n_train: int, n
 
 
 def _param_count(config) -> int:
-  from gptjax import summary  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.analysis import param_summary as summary  # pylint: disable=g-import-not-at-top
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   return summary.count_params(summary.param_shapes(ModelConfig.from_config(config.model)))
 
 
 def majority_baseline() -> float:
   """Accuracy of always predicting sst2 train's most common label on sst2 dev."""
-  from gptjax import corpora  # pylint: disable=g-import-not-at-top
+  from gptjax.data import corpora  # pylint: disable=g-import-not-at-top
   raw = corpora.raw_data_dir()
   def labels(name):
     with open(os.path.join(raw, "sst2", name), encoding="utf-8") as f:
@@ -279,7 +282,8 @@ def predicted_unigram_loss(config, workdir: str, num_examples: int) -> dict:
   Counted over `num_examples` training examples drawn as training draws them (masked tokens for
   MLM, decoder targets for span corruption and denoising, next tokens for the LM arms).
   """
-  from gptjax import input_pipeline, tokenization  # pylint: disable=g-import-not-at-top
+  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gptjax.data import tokenization
 
   def compute():
     tokenizer = tokenization.load_or_train_tokenizer(config)
@@ -300,7 +304,8 @@ def predicted_unigram_loss(config, workdir: str, num_examples: int) -> dict:
 def cross_task(pre_dir: str, workdir: str, eval_steps: int) -> dict:
   """NSP and SOP accuracy of a pair-head checkpoint on held-out pairs (ALBERT Table 5)."""
   def compute():
-    from gptjax import checkpointing, train  # pylint: disable=g-import-not-at-top
+    from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
+    from gptjax.training import train
     run_config, params, tokenizer = checkpointing.restore_for_inference(pre_dir)
     out = {}
     for task, sop in (("nsp", False), ("sop", True)):
@@ -315,8 +320,9 @@ def cross_task(pre_dir: str, workdir: str, eval_steps: int) -> dict:
 
 def run_unit(arm: str, seed: int, config, preset: dict, majority: float) -> dict:
   """One (arm, seed): pre-train, unigram baseline, probes, fine-tune, scratch; its results row."""
-  from gptjax import flops as flops_lib, run_records  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from gptjax.training import run_records
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   root = os.path.join(FLAGS.out, arm, f"seed{seed}")
   pre_dir = os.path.join(root, "pretrain")
   family = ARMS[arm][0]  # the random-body probe and scratch depend on the family only

@@ -3,13 +3,13 @@
   python experiments/cpu_microbench.py [--benchmarks=colsum,adamw,...]
 
 colsum: a column sum (reduce over the leading axis) against the same sum as a ones-vector
-matmul, the reason for gptjax.fast_paths.sum_leading_axes.
+matmul, the reason for gptjax.backends.xla_cpu.fast_paths.sum_leading_axes.
 adamw: optax's clip + AdamW update, the same with gptjax's clip (fast_paths.clip_by_global_norm,
 the clipping as one scalar factor), and the update written as one expression per parameter
 (buffers donated in all three), on a parameter list shaped like t5:small's.
 matmul_dtypes: 2048 x 2048 matmuls in float32 and bfloat16 through XLA and through PyTorch.
 batched_dot: gpt:small's attention score matmul ([16, 4] x 128 x 64 x 128) through XLA, through
-gptjax's per-head matmul kernel (gptjax/cpu_kernels.py) and torch.bmm (run it under
+gptjax's per-head matmul kernel (gptjax/backends/xla_cpu/kernels.py) and torch.bmm (run it under
 `taskset -c 0` too: XLA's figure does not change on one core).
 attention: forward+backward of one gpt:small layer's causal attention core: XLA einsums, the same
 in causal query blocks, with the per-head matmul kernel, the fused attention kernel without and
@@ -45,7 +45,10 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import gptjax  # pylint: disable=g-import-not-at-top  (host malloc settings, as in training)
-from gptjax import cpu_kernels, fast_paths, layers, objectives  # pylint: disable=g-import-not-at-top
+from gptjax.backends.xla_cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
+from gptjax.backends.xla_cpu import fast_paths
+from gptjax.model import layers
+from gptjax.training import objectives
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 20, "Timed calls per measurement.")
@@ -154,7 +157,7 @@ B, H, L, DH = 16, 4, 128, 64  # gpt:small's attention
 def batched_dot() -> None:
   """GFLOP/s of the attention score matmul: XLA's batched dot, gptjax's kernel, torch.bmm."""
   import torch  # pylint: disable=g-import-not-at-top
-  from gptjax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  from gptjax.backends.xla_cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
   q, k = (jax.random.normal(jax.random.key(i), (B, H, L, DH)) for i in range(2))
   tq, tk = torch.randn(B, H, L, DH), torch.randn(B, H, L, DH)
   flop = 2 * B * H * L * L * DH
@@ -164,7 +167,7 @@ def batched_dot() -> None:
                         ql, kl) / 1e6
   pt = flop / timed_torch(lambda: tq @ tk.transpose(-1, -2)) / 1e6
   print(f"batched dot [{B}, {H}] x {L} x {DH} x {L}: XLA {xla:.0f} GFLOP/s, "
-        f"gptjax.cpu_kernels.head_einsum {kernel:.0f} GFLOP/s, torch.bmm {pt:.0f} GFLOP/s")
+        f"gptjax.backends.xla_cpu.kernels.head_einsum {kernel:.0f} GFLOP/s, torch.bmm {pt:.0f} GFLOP/s")
 
 
 def dense_matmuls() -> None:
@@ -191,7 +194,8 @@ def dense_matmuls() -> None:
 def attention() -> None:
   """ms per forward+backward of one gpt:small layer's causal attention core, five ways."""
   import torch  # pylint: disable=g-import-not-at-top
-  from gptjax import layers, models  # pylint: disable=g-import-not-at-top
+  from gptjax.model import layers  # pylint: disable=g-import-not-at-top
+  from gptjax.model import models
   q, k, v, g = (jax.random.normal(jax.random.key(i), (B, L, H, DH)) for i in range(4))
   mask = models.build_mask(None, True, L)
 
@@ -284,7 +288,8 @@ def wgrad_layouts() -> None:
 
 def attention_layouts() -> None:
   """ms per fwd+bwd of gpt:small's causal attention core: gptjax's blocks, heads-major, split."""
-  from gptjax import layers, models  # pylint: disable=g-import-not-at-top
+  from gptjax.model import layers  # pylint: disable=g-import-not-at-top
+  from gptjax.model import models
   q, k, v, g = (jax.random.normal(jax.random.key(i), (B, L, H, DH)) for i in range(4))
   mask = models.build_mask(None, True, L)
   attend = lambda q, k, v, m: layers.dot_product_attention(q, k, v, m, None, DH ** -0.5, "einsum",
@@ -355,7 +360,7 @@ def gelu_backward() -> None:
 
 def log_partition() -> None:
   """ms per fwd+bwd of the loss alone on gpt:small logits: autodiff against a recompute backward."""
-  from gptjax import objectives  # pylint: disable=g-import-not-at-top
+  from gptjax.training import objectives  # pylint: disable=g-import-not-at-top
 
   @jax.custom_vjp
   def log_z(l):

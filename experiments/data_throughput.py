@@ -30,7 +30,8 @@ def measure(family: str, objective: str, batches: int) -> dict:
   """Times `batches` batches of the small config's train pipeline for `objective`."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
   from conftest import load_config  # pylint: disable=g-import-not-at-top
-  from gptjax import input_pipeline, tokenization  # pylint: disable=g-import-not-at-top
+  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gptjax.data import tokenization
   config = load_config(family, "small", objective=objective)
   tok = tokenization.load_or_train_tokenizer(config)
   it = input_pipeline.make_train_iterator(config, tok, process_index=0, process_count=1)

@@ -49,8 +49,8 @@ def gptjax_model():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from conftest import load_config  # pylint: disable=g-import-not-at-top
-  from gptjax import models  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model import models  # pylint: disable=g-import-not-at-top
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   family, variant = _CONFIG.value.split(":")
   cfg = ModelConfig.from_config(load_config(family, variant).model)
   cfg = dataclasses.replace(cfg, dropout_rate=0.0, attention_dropout_rate=0.0)
@@ -125,7 +125,8 @@ def prompts(batch: int):
 def run_worker(spec: str) -> None:
   """One process: times one implementation at every batch size; prints one JSON line per batch."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from gptjax import decode, quantize  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import decode  # pylint: disable=g-import-not-at-top
+  from gptjax.transfer import quantize
   model, params = gptjax_model()
   settings = decode.DecodeSettings(max_new_tokens=_NEW.value, temperature=0.0)
   if spec == "check":

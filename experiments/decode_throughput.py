@@ -6,7 +6,7 @@
 Randomly initialised parameters, greedy decoding, no EOS (every row runs all steps). Each setting
 is compiled and run once untimed, then timed over --repeats runs; tokens/s counts generated tokens
 only (batch x new tokens). Variants: fp32 with the KV cache, fp32 recomputing the whole prefix
-every step, int8 weights (gptjax.quantize) and bf16 compute (config.model.dtype=bfloat16).
+every step, int8 weights (gptjax.transfer.quantize) and bf16 compute (config.model.dtype=bfloat16).
 Writes its section of experiments/DECODE_THROUGHPUT.md.
 """
 
@@ -37,7 +37,7 @@ BEGIN, END = "<!-- decode_throughput: begin -->", "<!-- decode_throughput: end -
 
 def measure(model, params, batch: int, variant: str) -> dict:
   """Best-of-repeats seconds and tokens/s for one batch size and variant."""
-  from gptjax import decode  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import decode  # pylint: disable=g-import-not-at-top
   settings = decode.DecodeSettings(max_new_tokens=_NEW.value, temperature=0.0,
                                    use_cache=variant != "fp32_nocache")
   prompts = [[(7 * r + 3 * i) % 500 + 5 for i in range(_PROMPT.value)] for r in range(batch)]
@@ -58,8 +58,9 @@ def _model(name: str, variant: str):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from conftest import load_config  # pylint: disable=g-import-not-at-top
-  from gptjax import models, quantize  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model import models  # pylint: disable=g-import-not-at-top
+  from gptjax.transfer import quantize
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   family, size = name.split(":")
   cfg = ModelConfig.from_config(load_config(family, size).model)
   cfg = dataclasses.replace(cfg, dropout_rate=0.0, attention_dropout_rate=0.0,
@@ -97,7 +98,7 @@ def main(argv):
       "",
       "Tokens/s counts generated tokens only (batch x new tokens / wall time of the whole jitted "
       "`lax.while_loop`, prefill included). fp32_nocache recomputes the full (prompt + new tokens) "
-      "buffer every step; int8 reads int8 weights (gptjax.quantize); bf16 computes in bfloat16.",
+      "buffer every step; int8 reads int8 weights (gptjax.transfer.quantize); bf16 computes in bfloat16.",
       "",
       "| model | batch | variant | tokens/s | seconds | vs fp32 |",
       "|:---|---:|:---|---:|---:|---:|",

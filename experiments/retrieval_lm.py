@@ -83,7 +83,8 @@ def minilm_source() -> str:
 
 def train_lm(config, workdir: str):
   """Trains (or resumes) the LM; returns (config, params, tokenizer) of its last checkpoint."""
-  from gptjax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from gptjax.training import train
   ckpt = checkpointing.Checkpointer(workdir, read_only=True, async_save=False) \
       if os.path.isdir(checkpointing.checkpoint_dir(workdir)) else None
   done = ckpt is not None and ckpt.steps() and ckpt.steps()[-1] >= config.train.steps
@@ -95,7 +96,8 @@ def train_lm(config, workdir: str):
 
 def train_passages(config, p: dict) -> tuple[list[dict], dict]:
   """Passages of the train split and the corpus description stored with the index."""
-  from gptjax import corpora, retrieval  # pylint: disable=g-import-not-at-top
+  from gptjax.data import corpora  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import retrieval
   docs = [d["text"] for d in corpora.documents(config, "train")]
   passages = retrieval.passages_from_documents(docs, p["passage_words"], "wikitext2 train")
   passages = passages[:p["max_passages"]]
@@ -109,7 +111,7 @@ def train_passages(config, p: dict) -> tuple[list[dict], dict]:
 
 def get_index(kind: str, directory: str, passages, corpus, embedder):
   """The stored index when it is still valid for these passages and embedder, else rebuilt."""
-  from gptjax import retrieval  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import retrieval  # pylint: disable=g-import-not-at-top
   from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top
   if os.path.isdir(directory):
     try:
@@ -130,7 +132,7 @@ def get_index(kind: str, directory: str, passages, corpus, embedder):
 
 def eval_windows(config, tokenizer, p: dict, n: int):
   """Validation blocks: (start offsets, the token stream, query texts, evaluated texts)."""
-  from gptjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   tokens = input_pipeline.tokenized(config, tokenizer, "validation", "stream")["tokens"]
   L, s = p["seq_len"], p["stride"]
   starts = np.linspace(L - s, len(tokens) - s, n).astype(np.int64)
@@ -142,7 +144,7 @@ def eval_windows(config, tokenizer, p: dict, n: int):
 def score(model, params, tokenizer, tokens, starts, docs_per_window, p: dict) -> np.ndarray:
   """Per-block negative log-likelihood (nats, summed over the block's `stride` tokens)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from gptjax import objectives  # pylint: disable=g-import-not-at-top
+  from gptjax.training import objectives  # pylint: disable=g-import-not-at-top
   L, s, budget = p["seq_len"], p["stride"], p["doc_budget"]
   pad = tokenizer.pad_id or 0
 
@@ -231,8 +233,9 @@ def main(argv):
   t0 = time.time()
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
-  from gptjax import models, retrieval  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model import models  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import retrieval
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   p = dict(PRESETS[FLAGS.preset])
   p["windows"] = FLAGS.windows or p["windows"]
   ks = sorted(int(k) for k in FLAGS.ks)

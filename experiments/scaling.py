@@ -97,8 +97,8 @@ def overrides_for(preset: dict, shape: tuple, seed: int, steps: int) -> dict:
 
 def param_counts(config) -> tuple[int, int]:
   """(total, non-embedding) parameters; the tied token table and the position table are embeddings."""
-  from gptjax import summary  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.analysis import param_summary as summary  # pylint: disable=g-import-not-at-top
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   rows = summary.flat_params(summary.param_shapes(ModelConfig.from_config(config.model)))
   total = sum(int(np.prod(s)) for _, s in rows)
   embed = sum(int(np.prod(s)) for n, s in rows if n.endswith("embed/embedding"))
@@ -156,7 +156,8 @@ def plan_runs(preset: dict) -> tuple[list, list]:
 
 def corpus_repeats(config, largest_tokens: int) -> tuple[int, float]:
   """(train-split tokens, epochs the largest run reads); builds the tokenizer and token arrays."""
-  from gptjax import input_pipeline, tokenization  # pylint: disable=g-import-not-at-top
+  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gptjax.data import tokenization
   tokenizer = tokenization.load_or_train_tokenizer(config)
   train_tokens = len(input_pipeline.tokenized(config, tokenizer, "train", "stream")["tokens"])
   return train_tokens, largest_tokens / max(train_tokens, 1)
@@ -170,8 +171,8 @@ def collect(registry, runs: list, described: list) -> list[dict]:
     m = r.get("metrics", {})
     if r.get("status") != "done" or "eval_loss" not in m:
       continue
-    from gptjax import flops  # pylint: disable=g-import-not-at-top
-    from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+    from gptjax.training import flops  # pylint: disable=g-import-not-at-top
+    from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
     per_example = flops.train_flops_per_example(ModelConfig.from_config(config.model),
                                                 config.data.seq_len, 0, "next_token")
     rows.append({**desc, "run_id": rid, "eval_loss": m["eval_loss"],
@@ -258,7 +259,7 @@ def main(argv):
           f"{os.path.join(FLAGS.out, 'runs', 'registry.jsonl')}); rerun the same command",
           file=sys.stderr)
     sys.exit(1)
-  from gptjax import run_records  # pylint: disable=g-import-not-at-top
+  from gptjax.training import run_records  # pylint: disable=g-import-not-at-top
   fit = fit_all(rows)
   fit.update(seeds=seeds, corpus="enwiki2015", train_tokens=train_tokens, max_epochs_read=epochs,
              preset=FLAGS.preset, git_commit=run_records.git_commit())

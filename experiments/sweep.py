@@ -297,7 +297,8 @@ def refresh(registry: Registry, rid: str) -> dict:
 # ============================================================================ launch
 def prepare_data(configs: list) -> None:
   """Builds the tokenizer and token arrays of every distinct data config once, in this process."""
-  from gptjax import input_pipeline, tokenization  # pylint: disable=g-import-not-at-top
+  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gptjax.data import tokenization
   seen = set()
   for config in configs:
     key = json.dumps([config.data.to_dict(), config.objective, config.model.family,
@@ -359,7 +360,7 @@ def launch(root: str, base_spec: str, runs: list) -> Registry:
   rest through submitit (--cluster, --parallel, --retries), waiting for them; returns the registry."""
   os.makedirs(root, exist_ok=True)
   registry = Registry(root)
-  from gptjax import run_records  # pylint: disable=g-import-not-at-top
+  from gptjax.training import run_records  # pylint: disable=g-import-not-at-top
   commit = run_records.git_commit()
   todo = []
   for rid, overrides, _ in runs:

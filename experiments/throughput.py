@@ -4,7 +4,7 @@
   python experiments/throughput.py --families=gpt --variants=gpt2_124m_t128 --batch_size=4
 
 Speed does not depend on token values, so batches are random ids in the exact layout each
-objective's pipeline produces (gptjax/batch_spec.py). MFU = model FLOPs/s (6N + attention,
+objective's pipeline produces (gptjax/data/batch_spec.py). MFU = model FLOPs/s (6N + attention,
 encoder and decoder counted separately) / the float32 (or bfloat16) matmul peak measured here.
 
 With --breakdown (default), a few more steps run under `jax.profiler.trace` after the timed ones
@@ -15,10 +15,10 @@ Tokens/s and MFU come from the untraced steps only.
   python experiments/throughput.py --families=gpt --variants=small --ab=causal_blocks,donate_state
 
 --ab builds each model twice, with a switch on and off, and times both in alternating rounds in
-one process: the `gptjax.layers.PERF` fast paths, and the SETTINGS below (scan over layers,
+one process: the `gptjax.model.layers.PERF` fast paths, and the SETTINGS below (scan over layers,
 rematerialisation, state donation, metrics fetched one step late). It also reports the compiled
 step's buffer total (arguments, unaliased outputs, temporaries), compile time and minor page
-faults per timed step for each: both programs share one malloc heap (gptjax/host_memory.py), and
+faults per timed step for each: both programs share one malloc heap (gptjax/backends/xla_cpu/host_memory.py), and
 when one side keeps faulting pages in, the comparison measures the heap, not the switch.
 """
 
@@ -39,8 +39,16 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gptjax import flops, layers, models, sharding, train_step  # pylint: disable=g-import-not-at-top
-from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+from gptjax.training import flops  # pylint: disable=g-import-not-at-top
+
+from gptjax.model import layers
+
+from gptjax.model import models
+
+from gptjax.training import sharding
+
+from gptjax.training import train_step
+from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, str(REPO / "experiments"))
 import profile_breakdown  # pylint: disable=g-import-not-at-top
@@ -62,7 +70,7 @@ flags.DEFINE_bool("donate", True, "Donate the train state to the step (off: for 
                   "across processes; --ab=donate_state compares in one).")
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
                   "Rematerialisation policy per layer (config.model.remat).")
-flags.DEFINE_list("slow_path", [], "gptjax.layers.PERF switches to turn off (the slow path "
+flags.DEFINE_list("slow_path", [], "gptjax.model.layers.PERF switches to turn off (the slow path "
                   "each one replaced), for A/B runs across processes.")
 flags.DEFINE_list("ab", [], "PERF switches or SETTINGS to A/B: each model is built with the "
                   "switch on and off and both are timed in alternating rounds of --steps in this "
@@ -170,7 +178,7 @@ def run_steps(step, state, batches, n: int, fetch: str = "end"):
   """(seconds per step, new state) over `n` steps.
 
   fetch: "end" synchronises once after the last step; "late" fetches each step's loss to the
-  host after the next step is dispatched (as gptjax/train.py does); "each" right after its own.
+  host after the next step is dispatched (as gptjax/training/train.py does); "each" right after its own.
   """
   t0 = time.perf_counter()
   pending = None
@@ -216,7 +224,7 @@ def measure(family: str, variant: str) -> dict:
     state, m = step(state, batches[0])
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t0
-    # warm-up: the first steps also grow the heap to its working size (gptjax/host_memory.py)
+    # warm-up: the first steps also grow the heap to its working size (gptjax/backends/xla_cpu/host_memory.py)
     _, state = run_steps(step, state, batches, FLAGS.warmup_steps)
     state, warmup_rounds = warm_up_heap(step, state, batches)
     dt, faults, state = run_steps_counting_faults(step, state, batches, FLAGS.steps)

@@ -35,7 +35,9 @@ from torch.nn import functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import throughput  # pylint: disable=g-import-not-at-top  (also defines --steps, --batch_size, ...)
 
-from gptjax import flops, models  # pylint: disable=g-import-not-at-top
+from gptjax.training import flops  # pylint: disable=g-import-not-at-top
+
+from gptjax.model import models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 5, "Alternating timed rounds of --steps steps per implementation.")

@@ -170,7 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
   g.stop = ""  # stop sequences separated by "|"
   g.seed = 0
   g.prompt_buckets = ""  # prompt widths sharing a compiled loop, e.g. "32,128,512"; "": 8, 16, ..
-  # In-Context RALM (gptjax/retrieval.py): prepend passages from this index to each prompt
+  # In-Context RALM (gptjax/inference/retrieval.py): prepend passages from this index to each prompt
   g.retrieval_index = ""
   g.retrieval_k = 2
   g.retrieval_query_tokens = 32  # the query: the prompt's last tokens
@@ -192,7 +192,7 @@ def base_config() -> ml_collections.ConfigDict:
   f.preference_data = ""
   f.preference_eval_data = ""
 
-  # ------------------------------------------------------- dpo (gptjax/preference.py)
+  # ------------------------------------------------------- dpo (gptjax/training/preference.py)
   po = c.dpo = ml_collections.ConfigDict()
   po.beta = 0.1  # strength of the KL regularisation towards the reference
   po.label_smoothing = 0.0  # conservative DPO: the probability that a preference label is flipped
@@ -279,7 +279,7 @@ def validate_numbers(c: ml_collections.ConfigDict) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """All start-up checks that need only the config."""
-  from gptjax import batch_spec  # pylint: disable=g-import-not-at-top
+  from gptjax.data import batch_spec  # pylint: disable=g-import-not-at-top
   validate_model(c.model)
   _one_of("config.train.schedule", c.train.schedule, ("cosine", "linear", "constant"))
   _one_of("config.parallelism.mode", c.parallelism.mode, ("mesh", "pmap"))
@@ -289,7 +289,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.objective='instruction' needs config.finetune.instruction_data="
                       "PATH.jsonl (records with instruction, input, output)")
   if c.objective == "dpo":
-    from gptjax import preference  # pylint: disable=g-import-not-at-top
+    from gptjax.training import preference  # pylint: disable=g-import-not-at-top
     preference.validate_config(c)
   validate_lengths(c)
 

@@ -1,4 +1,4 @@
-"""gptjax/analysis.py on tiny GPT checkpoints: norms, diffs, CKA, attention maps, eval, bad input."""
+"""gptjax/analysis/checkpoint_analysis.py on tiny GPT checkpoints: norms, diffs, CKA, attention maps, eval, bad input."""
 
 import os
 import subprocess
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from gptjax import analysis, summary, train
+from gptjax.analysis import checkpoint_analysis as analysis
+from gptjax.analysis import param_summary as summary
+from gptjax.training import train
 from gptjax.config_schema import ConfigError
 
 TINY = {"train.progress": False, "train.eval_every": 0, "train.log_every": 1, "data.max_docs": 50}
@@ -105,8 +107,8 @@ def test_different_architectures_is_one_clear_error(ckpts, tmp_path):
 def test_scanned_params_unstack_per_layer():
   import jax  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from gptjax import models  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model import models  # pylint: disable=g-import-not-at-top
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   cfg = ModelConfig(num_layers=3, scan_layers=True)
   scanned = nn.meta.unbox(models.init_params(cfg, jax.random.key(0)))
   flat = analysis.unstack_layers(jax.device_get(scanned))

@@ -11,7 +11,9 @@ import socket
 import pytest
 
 from conftest import REPO, load_config, one_error_line, run_tiny_cli
-from gptjax import config_schema, corpora, train
+from gptjax import config_schema
+from gptjax.data import corpora
+from gptjax.training import train
 from gptjax.config_schema import ConfigError
 
 TINY = {"train.log_every": 1, "train.eval_every": 0, "train.progress": False,
@@ -132,7 +134,7 @@ def test_mistyped_field_names_the_full_path(data_cache):
 
 
 def test_empty_prompts_file_says_so(tmp_path):
-  from gptjax import generate_cli  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import generate as generate_cli  # pylint: disable=g-import-not-at-top
   f = tmp_path / "p.txt"
   f.write_text("\n  \n")
   flags = type("F", (), {"prompt": None, "prompts_file": str(f)})()
@@ -147,5 +149,5 @@ def test_one_cache_variable(monkeypatch, tmp_path):
   monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "new"))
   assert config_schema.cache_dir() == str(tmp_path / "new")
   assert corpora.tfds_dir() == str(tmp_path / "new" / "tfds")
-  from gptjax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  from gptjax.backends.xla_cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
   assert str(cpu_kernels.cache_dir()) == str(tmp_path / "new")

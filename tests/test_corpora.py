@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config as _load
-from gptjax import corpora
+from gptjax.data import corpora
 from gptjax.config_schema import ConfigError
 
 
@@ -98,7 +98,7 @@ def test_empty_corpus_is_an_error(data_cache, tmp_path):
 
 def test_enwiki2015_articles_held_out_by_article(data_cache):
   del data_cache
-  from gptjax import enwiki
+  from gptjax.data import enwiki
   parts = {s: _docs("enwiki2015", s) for s in enwiki.SPLITS}
   titles = {s: [d["text"].split("\n", 1)[0] for d in parts[s]] for s in parts}
   assert titles["train"][0] == "Anarchism" and parts["train"][0]["text"].count("\n") > 10
@@ -112,7 +112,7 @@ def test_enwiki2015_articles_held_out_by_article(data_cache):
 
 
 def test_enwiki_cleanup_and_split_are_stable():
-  from gptjax import enwiki
+  from gptjax.data import enwiki
   assert enwiki.clean_line('Apollo as Articenens ( ; "bow-carrying"). Apollo ().') == \
       'Apollo as Articenens ("bow-carrying"). Apollo.'
   assert enwiki.clean_line("in [[Malaysia]] at the [[Petronas|Petronas Towers]].<ref name=x/>") == \

@@ -1,4 +1,4 @@
-"""The CPU kernels (gptjax/cpu_kernels.py) against the jnp formulations they replace."""
+"""The CPU kernels (gptjax/backends/xla_cpu/kernels.py) against the jnp formulations they replace."""
 
 import math
 
@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import cpu_kernels, layers, objectives
+from gptjax.backends.xla_cpu import kernels as cpu_kernels
+
+from gptjax.model import layers
+
+from gptjax.training import objectives
 
 # Where a compiler exists the kernels must build: no silent fallback.
 pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler")
@@ -149,7 +153,7 @@ def test_attention_layer_uses_the_fused_kernel_only_where_it_applies():
 
 
 def _plain_norm(kind, use_bias):
-  """gptjax.layers.Norm with the kernel switched off, as a function of (params, x)."""
+  """gptjax.model.layers.Norm with the kernel switched off, as a function of (params, x)."""
   module = layers.Norm(kind, 1e-5, use_bias)
 
   def apply(params, x):

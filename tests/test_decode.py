@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from gptjax import decode, models
+from gptjax.inference import decode
+from gptjax.model import models
 from gptjax.config_schema import ConfigError
-from gptjax.layers import ModelConfig
+from gptjax.model.layers import ModelConfig
 
 EOS, PAD = 2, 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]]

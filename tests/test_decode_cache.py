@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import decode, quantize, weight_matmul
+from gptjax.inference import decode
+
+from gptjax.transfer import quantize
+
+from gptjax.model import weight_matmul
 from gptjax.config_schema import ConfigError
 from test_decode import GREEDY, PAD, gen, get
 
@@ -108,7 +112,7 @@ def test_weight_matmul_matches_the_float_product(m, k, n, transposed):
 
 class _perf:
   def __init__(self, key, value):
-    from gptjax.fast_paths import PERF  # pylint: disable=g-import-not-at-top
+    from gptjax.backends.xla_cpu.fast_paths import PERF  # pylint: disable=g-import-not-at-top
     self.perf, self.key, self.value = PERF, key, value
 
   def __enter__(self):

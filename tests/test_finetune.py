@@ -12,9 +12,14 @@ import optax
 import pytest
 
 from conftest import load_config
-from gptjax import config_schema, embeddings, finetune, lora, models, quantize
+from gptjax import config_schema
+from gptjax.inference import sentence_embeddings as embeddings
+from gptjax.transfer import sft_data as finetune
+from gptjax.transfer import lora
+from gptjax.model import models
+from gptjax.transfer import quantize
 from gptjax.config_schema import ConfigError
-from gptjax.layers import ModelConfig
+from gptjax.model.layers import ModelConfig
 
 
 def tiny(family: str, **changes) -> ModelConfig:
@@ -179,7 +184,7 @@ def test_embeddings_index_and_knn():
 
 def _sst2_instructions(path, n=200):
   """sst2 train sentences as instruction records (real text, real labels)."""
-  from gptjax import corpora  # pylint: disable=g-import-not-at-top
+  from gptjax.data import corpora  # pylint: disable=g-import-not-at-top
   rows = open(f"{corpora.raw_data_dir()}/sst2/train.tsv").read().splitlines()[1:n + 1]
   with open(path, "w") as f:
     for row in rows:
@@ -192,7 +197,9 @@ def _sst2_instructions(path, n=200):
 
 def test_instruction_tuning_trains_on_response_tokens_only(tmp_path, data_cache):
   del data_cache
-  from gptjax import input_pipeline, tokenization, train  # pylint: disable=g-import-not-at-top
+  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gptjax.data import tokenization
+  from gptjax.training import train
   data = _sst2_instructions(tmp_path / "sst2_instructions.jsonl")
   config = load_config("gpt", "tiny", **{
       "objective": "instruction", "finetune.instruction_data": data, "train.steps": 12,

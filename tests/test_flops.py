@@ -6,8 +6,11 @@ import jax
 import pytest
 
 from conftest import load_config
-from gptjax import cpu_kernels, fast_paths, flops, models
-from gptjax.layers import ModelConfig
+from gptjax.backends.xla_cpu import kernels as cpu_kernels
+from gptjax.backends.xla_cpu import fast_paths
+from gptjax.training import flops
+from gptjax.model import models
+from gptjax.model.layers import ModelConfig
 
 
 def _counted_and_traced(family: str, seq_len: int, target_len: int, **changes):

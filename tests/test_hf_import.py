@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import hf_import, models
+from gptjax.transfer import hf_import
+
+from gptjax.model import models
 from gptjax.config_schema import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -204,7 +206,7 @@ def test_init_from_checks_shapes_and_keeps_new_heads(gpt2_dir):
 
 def test_gpt2_greedy_tokens_match_transformers_generate(tmp_path):
   """decode.generate (per-request cache, one jitted loop) against GPT2LMHeadModel.generate."""
-  from gptjax import decode  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import decode  # pylint: disable=g-import-not-at-top
   conf = transformers.GPT2Config(vocab_size=97, n_positions=48, n_embd=32, n_layer=2, n_head=4)
   ref = transformers.GPT2LMHeadModel(conf)
   hf_dir = _save(ref, tmp_path)

@@ -1,4 +1,4 @@
-"""gptjax.host_memory: imported gptjax keeps XLA:CPU step buffers mapped between steps."""
+"""gptjax.backends.xla_cpu.host_memory: imported gptjax keeps XLA:CPU step buffers mapped between steps."""
 
 import json
 import os
@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from gptjax import host_memory
+from gptjax.backends.xla_cpu import host_memory
 
 PROBE = r"""
 import functools, json, resource
 import gptjax
-from gptjax import host_memory
+from gptjax.backends.xla_cpu import host_memory
 import jax, jax.numpy as jnp
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from gptjax import icl, models, tokenization
+from gptjax.inference import icl
+from gptjax.model import models
+from gptjax.data import tokenization
 from gptjax.config_schema import ConfigError
-from gptjax.layers import ModelConfig
+from gptjax.model.layers import ModelConfig
 
 
 @functools.lru_cache(maxsize=None)

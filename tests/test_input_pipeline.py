@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config as _load
-from gptjax import batch_spec, input_pipeline, tokenization
+from gptjax.data import batch_spec
+from gptjax.data import input_pipeline
+from gptjax.data import tokenization
 from gptjax.config_schema import ConfigError
 
 SMALL = {"data.max_docs": 60}

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config as _load
-from gptjax import input_pipeline, masking, tokenization
+from gptjax.data import input_pipeline
+from gptjax.data import masking
+from gptjax.data import tokenization
 
 WIKI = {"data.max_docs": 60}
 

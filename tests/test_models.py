@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from gptjax import config_schema, layers, models, positions, summary
-from gptjax.layers import ModelConfig
+from gptjax import config_schema
+from gptjax.model import layers
+from gptjax.model import models
+from gptjax.model import positions
+from gptjax.analysis import param_summary as summary
+from gptjax.model.layers import ModelConfig
 
 FAMILIES = ("gpt", "bert", "t5", "bart")
 
@@ -257,7 +261,7 @@ def test_impossible_configs_fail_in_one_line_naming_the_field(field, value, need
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_performance_switches_keep_loss_and_gradients(family, monkeypatch):
-  """Every gptjax.layers.PERF fast path computes what the plain formulation computes."""
+  """Every gptjax.model.layers.PERF fast path computes what the plain formulation computes."""
   cfg = tiny(family)
   params = init(cfg)
   inputs = models.dummy_inputs(cfg, 2, 8)

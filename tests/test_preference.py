@@ -11,9 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import config_schema, models, objectives, preference
+from gptjax import config_schema
+
+from gptjax.model import models
+
+from gptjax.training import objectives
+
+from gptjax.training import preference
 from gptjax.config_schema import ConfigError
-from gptjax.layers import ModelConfig
+from gptjax.model.layers import ModelConfig
 
 IMDB = os.path.join(os.environ["GPTJAX_RAW_DIR"], "imdb", "train_subset.jsonl")
 
@@ -203,7 +209,7 @@ def _sft_workdir(tmp_path_factory, data_cache):
   """A tiny GPT trained briefly on IMDb reviews: the SFT model and DPO reference."""
   del data_cache
   from conftest import load_config  # pylint: disable=import-outside-toplevel
-  from gptjax import train  # pylint: disable=import-outside-toplevel
+  from gptjax.training import train  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp("sft"))
   config = load_config("gpt", "tiny", **{"data.corpus": "imdb", "data.max_docs": 200,
                                          "train.steps": 8, "train.progress": False})
@@ -213,7 +219,7 @@ def _sft_workdir(tmp_path_factory, data_cache):
 
 @pytest.mark.parametrize("trainable", ["all", "lora"])
 def test_dpo_trains_from_init_from_with_metrics(load_config, sft_workdir, tmp_path, trainable):
-  from gptjax import train  # pylint: disable=import-outside-toplevel
+  from gptjax.training import train  # pylint: disable=import-outside-toplevel
   data = imdb_pairs(tmp_path / "p.jsonl", n=60)
   config = load_config("gpt", "tiny", objective="dpo", init_from=sft_workdir, **{
       "finetune.preference_data": data, "finetune.trainable": trainable, "train.steps": 6,

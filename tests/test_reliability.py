@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config, one_error_line, run_tiny_cli
-from gptjax import (checkpointing, corpora, input_pipeline, resume_check, tokenization, train,
-                    workdir_guard)
+from gptjax.data import corpora, input_pipeline, tokenization
+from gptjax.training import checkpointing, resume_check, train, workdir_guard
 from gptjax.config_schema import ConfigError
 
 TINY = {"train.log_every": 1, "train.eval_every": 0, "train.progress": False,
@@ -226,7 +226,7 @@ def test_the_lock_goes_with_its_process_even_on_kill_9(tmp_path):
   w = tmp_path / "w"
   w.mkdir()
   holder = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time; sys.path.insert(0, sys.argv[1]); from gptjax import workdir_guard; "
+      "import sys, time; sys.path.insert(0, sys.argv[1]); from gptjax.training import workdir_guard; "
       "workdir_guard.WorkdirLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(60)"),
       str(REPO), str(w)], stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "held"
@@ -285,8 +285,9 @@ def test_training_and_generate_print_no_library_warnings(trained, data_cache):
 
 
 def test_icl_reports_prompts_cut_to_the_context(trained):
-  from gptjax import icl, models  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import icl  # pylint: disable=g-import-not-at-top
+  from gptjax.model import models
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   config, params, tokenizer = checkpointing.restore_for_inference(str(trained[0]))
   model = models.make_model(ModelConfig.from_config(config.model))
   raw = str(REPO.parent / "shared" / "data")

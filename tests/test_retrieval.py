@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from gptjax import corpora, retrieval
+from gptjax.data import corpora
+from gptjax.inference import retrieval
 from gptjax.config_schema import ConfigError
 
 RAW = os.environ["GPTJAX_RAW_DIR"]

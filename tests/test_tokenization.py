@@ -5,7 +5,8 @@ import os
 import pytest
 
 from conftest import load_config as _load
-from gptjax import corpora, tokenization
+from gptjax.data import corpora
+from gptjax.data import tokenization
 from gptjax.config_schema import ConfigError
 
 DOCS = {"data.max_docs": 60}

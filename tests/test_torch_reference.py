@@ -8,8 +8,8 @@ import jax
 import pytest
 
 from conftest import REPO, load_config
-from gptjax import models
-from gptjax.layers import ModelConfig
+from gptjax.model import models
+from gptjax.model.layers import ModelConfig
 
 pytest.importorskip("torch")
 sys.path.insert(0, str(REPO / "experiments"))

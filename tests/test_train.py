@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from gptjax import checkpointing, config_schema, train
+from gptjax.training import checkpointing
+from gptjax import config_schema
+from gptjax.training import train
 
 TINY = {"train.log_every": 1, "train.eval_every": 0, "train.progress": False}
 
@@ -193,8 +195,12 @@ def test_init_from_a_workdir_fine_tunes_with_its_tokenizer(tmp_path):
 def test_pair_objectives_fit_one_real_batch(objective):
   """NSP/SOP have no shortcut left to learn in 16 fresh batches (the pairs are length-balanced),
   so the pair loss must instead fall on one repeated batch of real wikitext pairs."""
-  from gptjax import input_pipeline, models, sharding, tokenization, train_step  # pylint: disable=g-import-not-at-top
-  from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gptjax.model import models
+  from gptjax.training import sharding
+  from gptjax.data import tokenization
+  from gptjax.training import train_step
+  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   config = load_config("bert", "tiny", **{"objective": objective, "data.corpus": "wikitext2",
                                           "data.sop": objective == "sop", "train.learning_rate": 3e-3,
                                           "train.warmup_steps": 2, "model.dropout_rate": 0.0,
@@ -222,7 +228,7 @@ def test_pair_objectives_fit_one_real_batch(objective):
 def test_gptjax_optimizer_matches_optax_clip_and_adamw(grad_scale):
   """make_optimizer's clip (one scalar factor) keeps optax's state tree and its updates."""
   import optax  # pylint: disable=g-import-not-at-top
-  from gptjax import train_step  # pylint: disable=g-import-not-at-top
+  from gptjax.training import train_step  # pylint: disable=g-import-not-at-top
   cfg = load_config("gpt", "tiny").train
   params = {"kernel": jax.random.normal(jax.random.key(0), (64, 32)),
             "bias": jax.random.normal(jax.random.key(1), (32,))}

@@ -18,8 +18,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import load_config  # pylint: disable=g-import-not-at-top
-from gptjax import models, sharding, train_step  # pylint: disable=g-import-not-at-top
-from gptjax.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+from gptjax.model import models  # pylint: disable=g-import-not-at-top
+from gptjax.training import sharding
+from gptjax.training import train_step
+from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
 
 B, L, STEPS = 8, 32, 4
 

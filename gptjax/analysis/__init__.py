@@ -1,0 +1,1 @@
+"""Checkpoint analysis and parameter summaries."""

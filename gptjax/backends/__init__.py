@@ -1,0 +1,1 @@
+"""Optional backend-specific kernels; the core never imports them."""

@@ -1,0 +1,1 @@
+"""XLA:CPU custom-call kernels and CPU-tuned formulations (optional plug-in)."""

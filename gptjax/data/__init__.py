@@ -1,0 +1,1 @@
+"""Corpora, tokenizers, masking and the grain input pipeline."""

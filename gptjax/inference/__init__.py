@@ -1,0 +1,1 @@
+"""Decoding, generation, in-context-learning evaluation and retrieval."""

@@ -1,0 +1,1 @@
+"""The network: configuration, layers, positions and the three model families."""

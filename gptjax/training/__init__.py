@@ -1,0 +1,1 @@
+"""Objectives, the train step and loop, checkpoints, sharding and run records."""

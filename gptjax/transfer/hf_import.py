@@ -1,0 +1,408 @@
+"""Hugging Face checkpoints (GPT-2, BERT, T5, BART layouts) as gptjax configs and param trees.
+
+`init_from="hf:DIR"` names a folder with `config.json` and `model.safetensors`.
+Nothing is downloaded and nothing is unpickled: a `pytorch_model.bin` is refused.
+Every problem (unsupported layout, missing tensor, shape mismatch) is one
+`ConfigError` line that names the field or tensor.
+
+Conversions: HF `nn.Linear` weights are [out, in] and are transposed; GPT-2's
+`Conv1D` weights are already [in, out]. Attention kernels are reshaped to
+gptjax's [D, H, Dh] (q/k/v) and [H, Dh, D] (out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import zlib
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from gptjax.config_schema import ConfigError
+from gptjax.model.layers import ModelConfig
+
+HEAD_PARAMS = ("pooler", "nsp_head", "classifier", "mlm_transform", "mlm_norm", "mlm_bias", "lm_head")
+_PREFIXES = ("", "bert.", "transformer.", "model.", "roberta.")
+# Fields that change the computation without changing any shape: must agree with the target.
+_ARCH_FIELDS = ("family", "num_layers", "num_decoder_layers", "position", "position_offset",
+                "norm", "norm_position", "final_norm", "embed_norm", "activation", "use_bias",
+                "scale_attention", "tie_embeddings", "scale_tied_logits", "embed_scale",
+                "relative_max_distance")
+
+
+# ------------------------------------------------------------------- config
+def _read_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"hf:{hf_dir}: no config.json (expected a Hugging Face checkpoint folder)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _activation(name: str, where: str) -> str:
+  table = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu",
+           "gelu": "gelu_exact", "relu": "relu"}
+  if name not in table:
+    raise ConfigError(f"{where}: activation {name!r} is not supported (gelu, gelu_new, relu)")
+  return table[name]
+
+
+def _t5_head(hf_dir: str, c: dict) -> tuple[bool, bool]:
+  """(tied, scaled) for T5: v1.0 ties and scales logits by d**-0.5, v1.1 neither.
+
+  transformers>=5 writes `scale_decoder_outputs` and always ties; older versions
+  wrote `tie_word_embeddings=false` and a separate `lm_head.weight`.
+  """
+  scale = c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True) is not False)
+  tie = True
+  st = os.path.join(hf_dir, "model.safetensors")
+  if os.path.isfile(st):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(st, framework="np") as f:
+      keys = set(f.keys())
+      if "lm_head.weight" in keys and "shared.weight" in keys:
+        tie = bool(np.array_equal(f.get_tensor("lm_head.weight"), f.get_tensor("shared.weight")))
+  return tie, scale
+
+
+def model_overrides(hf_dir: str) -> dict:
+  """The `config.model` field values that reproduce the checkpoint in `hf_dir`."""
+  c = _read_config(hf_dir)
+  kind = c.get("model_type", "")
+  where = f"hf:{hf_dir} (model_type={kind!r})"
+  if kind == "gpt2":
+    if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn"):
+      raise ConfigError(f"{where}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn unsupported")
+    d = c["n_embd"]
+    return dict(family="decoder_only", vocab_size=c["vocab_size"], embed_dim=d, num_heads=c["n_head"],
+                mlp_dim=c.get("n_inner") or 4 * d, num_layers=c["n_layer"], max_len=c["n_positions"],
+                position="learned", norm="layernorm", norm_position="pre", final_norm=True,
+                embed_norm=False, norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                activation=_activation(c.get("activation_function", "gelu_new"), where),
+                use_bias=True, scale_attention=True, tie_embeddings=True, init_std=0.02)
+  if kind == "bert":
+    if c.get("position_embedding_type", "absolute") != "absolute":
+      raise ConfigError(f"{where}: position_embedding_type={c['position_embedding_type']!r} "
+                        "unsupported; only 'absolute'")
+    return dict(family="encoder_only", vocab_size=c["vocab_size"], embed_dim=c["hidden_size"],
+                num_heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
+                num_layers=c["num_hidden_layers"], max_len=c["max_position_embeddings"],
+                position="learned", norm="layernorm", norm_position="post", final_norm=False,
+                embed_norm=True, norm_eps=c.get("layer_norm_eps", 1e-12),
+                activation=_activation(c.get("hidden_act", "gelu"), where),
+                type_vocab_size=c.get("type_vocab_size", 2), use_bias=True, scale_attention=True,
+                tie_embeddings=True, init_std=0.02)
+  if kind == "t5":
+    proj = c.get("feed_forward_proj", "relu")
+    acts = {"relu": "relu", "gated-gelu": "gated_gelu", "gated-silu": "swiglu"}
+    if proj not in acts:
+      raise ConfigError(f"{where}: feed_forward_proj={proj!r} unsupported ({', '.join(acts)})")
+    tie, scale = _t5_head(hf_dir, c)
+    return dict(family="encoder_decoder", vocab_size=c["vocab_size"], embed_dim=c["d_model"],
+                num_heads=c["num_heads"], head_dim=c["d_kv"], mlp_dim=c["d_ff"],
+                num_layers=c["num_layers"],
+                num_decoder_layers=c.get("num_decoder_layers") or c["num_layers"], max_len=512,
+                position="relative", relative_buckets=c.get("relative_attention_num_buckets", 32),
+                relative_max_distance=c.get("relative_attention_max_distance", 128),
+                norm="rmsnorm", norm_position="pre", final_norm=True, embed_norm=False,
+                norm_eps=c.get("layer_norm_epsilon", 1e-6), activation=acts[proj], use_bias=False,
+                scale_attention=False, tie_embeddings=tie, scale_tied_logits=tie and scale,
+                init_std=1.0)
+  if kind == "bart":
+    if (c["encoder_attention_heads"] != c["decoder_attention_heads"]
+        or c["encoder_ffn_dim"] != c["decoder_ffn_dim"]):
+      raise ConfigError(f"{where}: encoder and decoder must share head count and ffn size")
+    if c.get("normalize_before") or c.get("add_final_layer_norm"):
+      raise ConfigError(f"{where}: pre-LN (mBART-style) BART is unsupported")
+    d = c["d_model"]
+    return dict(family="encoder_decoder", vocab_size=c["vocab_size"], embed_dim=d,
+                num_heads=c["encoder_attention_heads"], mlp_dim=c["encoder_ffn_dim"],
+                num_layers=c["encoder_layers"], num_decoder_layers=c["decoder_layers"],
+                max_len=c["max_position_embeddings"], position="learned", position_offset=2,
+                norm="layernorm", norm_position="post", final_norm=False, embed_norm=True,
+                norm_eps=1e-5, activation=_activation(c.get("activation_function", "gelu"), where),
+                use_bias=True, scale_attention=True,
+                tie_embeddings=c.get("tie_word_embeddings", True),
+                embed_scale=math.sqrt(d) if c.get("scale_embedding") else 1.0, init_std=0.02)
+  raise ConfigError(f"{where}: unsupported layout; supported model_type: gpt2, bert, t5, bart")
+
+
+# ------------------------------------------------------------------ tensors
+class _Tensors:
+  """The checkpoint's tensors by name, tolerant of the task-model prefixes (bert., model., ...)."""
+
+  def __init__(self, hf_dir: str):
+    st = os.path.join(hf_dir, "model.safetensors")
+    if not os.path.isfile(st):
+      if any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("pytorch_model.bin", "model.bin")):
+        raise ConfigError(f"hf:{hf_dir}: only pytorch_model.bin found; pickled checkpoints are "
+                          "never loaded, convert it to model.safetensors first")
+      raise ConfigError(f"hf:{hf_dir}: no model.safetensors")
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    self.dir = hf_dir
+    self.raw = load_file(st)
+
+  def find(self, name: str) -> Optional[str]:
+    for p in _PREFIXES:
+      if p + name in self.raw:
+        return p + name
+    return None
+
+  def has(self, name: str) -> bool:
+    return self.find(name) is not None
+
+  def get(self, *names: str) -> np.ndarray:
+    for name in names:
+      key = self.find(name)
+      if key is not None:
+        return np.asarray(self.raw[key], np.float32)
+    raise ConfigError(f"hf:{self.dir}: tensor {names[0]!r} is missing from model.safetensors")
+
+
+def _lin(w_OxI: np.ndarray) -> np.ndarray:
+  return w_OxI.T
+
+
+def _norm(t: _Tensors, name: str, scale: str = "weight", bias: Optional[str] = "bias") -> dict:
+  out = {"scale": t.get(f"{name}.{scale}", f"{name}.gamma")}
+  if bias:
+    out["bias"] = t.get(f"{name}.{bias}", f"{name}.beta")
+  return out
+
+
+def _qkv_from_linear(t: _Tensors, names: dict, h: int, dh: int, bias: bool) -> dict:
+  """q/k/v/out from four nn.Linear layers; names maps query|key|value|out to HF prefixes."""
+  out = {}
+  for ours, theirs in names.items():
+    w_OxI = t.get(f"{theirs}.weight")
+    if ours == "out":
+      p = {"kernel": _lin(w_OxI).reshape(h, dh, -1)}
+      if bias:
+        p["bias"] = t.get(f"{theirs}.bias")
+    else:
+      p = {"kernel": _lin(w_OxI).reshape(-1, h, dh)}
+      if bias:
+        p["bias"] = t.get(f"{theirs}.bias").reshape(h, dh)
+    out[ours] = p
+  return out
+
+
+def _dense(t: _Tensors, name: str, bias: bool = True) -> dict:
+  p = {"kernel": _lin(t.get(f"{name}.weight"))}
+  if bias:
+    p["bias"] = t.get(f"{name}.bias")
+  return p
+
+
+def _gpt2(t: _Tensors, cfg: ModelConfig) -> dict:
+  h, dh, d = cfg.num_heads, cfg.dims_per_head, cfg.embed_dim
+  dec = {"pos_embed": {"embedding": t.get("wpe.weight")}, "final_norm": _norm(t, "ln_f")}
+  for i in range(cfg.num_layers):
+    b = f"h.{i}"
+    w_Dx3D, b_3D = t.get(f"{b}.attn.c_attn.weight"), t.get(f"{b}.attn.c_attn.bias")
+    attn = {n: {"kernel": w.reshape(d, h, dh), "bias": bb.reshape(h, dh)} for n, w, bb in zip(
+        ("query", "key", "value"), np.split(w_Dx3D, 3, axis=1), np.split(b_3D, 3))}
+    attn["out"] = {"kernel": t.get(f"{b}.attn.c_proj.weight").reshape(h, dh, d),
+                   "bias": t.get(f"{b}.attn.c_proj.bias")}
+    dec[f"layers_{i}"] = {
+        "self_attn_norm": _norm(t, f"{b}.ln_1"), "self_attn": attn, "mlp_norm": _norm(t, f"{b}.ln_2"),
+        "mlp": {"wi": {"kernel": t.get(f"{b}.mlp.c_fc.weight"), "bias": t.get(f"{b}.mlp.c_fc.bias")},
+                "wo": {"kernel": t.get(f"{b}.mlp.c_proj.weight"),
+                       "bias": t.get(f"{b}.mlp.c_proj.bias")}}}
+  return {"token_embed": {"embedding": t.get("wte.weight")}, "decoder": dec}
+
+
+def _bert(t: _Tensors, cfg: ModelConfig) -> dict:
+  h, dh = cfg.num_heads, cfg.dims_per_head
+  enc = {"pos_embed": {"embedding": t.get("embeddings.position_embeddings.weight")},
+         "embed_norm": _norm(t, "embeddings.LayerNorm")}
+  for i in range(cfg.num_layers):
+    b = f"encoder.layer.{i}"
+    enc[f"layers_{i}"] = {
+        "self_attn": _qkv_from_linear(t, {"query": f"{b}.attention.self.query",
+                                          "key": f"{b}.attention.self.key",
+                                          "value": f"{b}.attention.self.value",
+                                          "out": f"{b}.attention.output.dense"}, h, dh, True),
+        "self_attn_norm": _norm(t, f"{b}.attention.output.LayerNorm"),
+        "mlp": {"wi": _dense(t, f"{b}.intermediate.dense"), "wo": _dense(t, f"{b}.output.dense")},
+        "mlp_norm": _norm(t, f"{b}.output.LayerNorm")}
+  p = {"token_embed": {"embedding": t.get("embeddings.word_embeddings.weight")}, "encoder": enc,
+       "type_embed": {"embedding": t.get("embeddings.token_type_embeddings.weight")}}
+  if t.has("pooler.dense.weight"):
+    p["pooler"] = _dense(t, "pooler.dense")
+  if t.has("cls.predictions.transform.dense.weight"):
+    p["mlm_transform"] = _dense(t, "cls.predictions.transform.dense")
+    p["mlm_norm"] = _norm(t, "cls.predictions.transform.LayerNorm")
+    p["mlm_bias"] = t.get("cls.predictions.bias")
+  if t.has("cls.seq_relationship.weight"):
+    p["nsp_head"] = _dense(t, "cls.seq_relationship")
+  if t.has("classifier.weight"):
+    p["classifier"] = _dense(t, "classifier")
+  return p
+
+
+def _t5(t: _Tensors, cfg: ModelConfig) -> dict:
+  h, dh = cfg.num_heads, cfg.dims_per_head
+  gated = cfg.activation in ("gated_gelu", "swiglu")
+
+  def stack(side: str, n: int, cross: bool) -> dict:
+    s = {"rel_bias": {"rel_embedding": t.get(
+        f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
+         "final_norm": {"scale": t.get(f"{side}.final_layer_norm.weight")}}
+    for i in range(n):
+      b = f"{side}.block.{i}.layer"
+      attn = lambda m: {k: {"kernel": v["kernel"]} for k, v in _qkv_from_linear(
+          t, {"query": f"{m}.q", "key": f"{m}.k", "value": f"{m}.v", "out": f"{m}.o"}, h, dh,
+          False).items()}
+      lay = {"self_attn_norm": {"scale": t.get(f"{b}.0.layer_norm.weight")},
+             "self_attn": attn(f"{b}.0.SelfAttention")}
+      ff = f"{b}.{2 if cross else 1}"
+      if cross:
+        lay["cross_attn_norm"] = {"scale": t.get(f"{b}.1.layer_norm.weight")}
+        lay["cross_attn"] = attn(f"{b}.1.EncDecAttention")
+      lay["mlp_norm"] = {"scale": t.get(f"{ff}.layer_norm.weight")}
+      names = ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
+      lay["mlp"] = {n_: _dense(t, f"{ff}.DenseReluDense.{n_}", bias=False) for n_ in names}
+      s[f"layers_{i}"] = lay
+    return s
+
+  p = {"token_embed": {"embedding": t.get("shared.weight", "encoder.embed_tokens.weight")},
+       "encoder": stack("encoder", cfg.num_layers, False),
+       "decoder": stack("decoder", cfg.decoder_layers, True)}
+  if not cfg.tie_embeddings:
+    p["lm_head"] = _dense(t, "lm_head", bias=False)
+    if _t5_head(t.dir, _read_config(t.dir))[1]:  # untied yet scaled: fold d**-0.5 into the head
+      p["lm_head"]["kernel"] = p["lm_head"]["kernel"] * np.float32(cfg.embed_dim ** -0.5)
+  return p
+
+
+def _bart(t: _Tensors, cfg: ModelConfig) -> dict:
+  h, dh = cfg.num_heads, cfg.dims_per_head
+  bias = t.find("final_logits_bias")
+  if bias is not None and np.any(t.raw[bias] != 0):
+    raise ConfigError(f"hf:{t.dir}: a nonzero final_logits_bias is unsupported by gptjax's BART")
+
+  def stack(side: str, n: int, cross: bool) -> dict:
+    s = {"pos_embed": {"embedding": t.get(f"{side}.embed_positions.weight")},
+         "embed_norm": _norm(t, f"{side}.layernorm_embedding")}
+    for i in range(n):
+      b = f"{side}.layers.{i}"
+      attn = lambda m: _qkv_from_linear(t, {"query": f"{m}.q_proj", "key": f"{m}.k_proj",
+                                            "value": f"{m}.v_proj", "out": f"{m}.out_proj"},
+                                        h, dh, True)
+      lay = {"self_attn": attn(f"{b}.self_attn"), "self_attn_norm": _norm(t, f"{b}.self_attn_layer_norm"),
+             "mlp": {"wi": _dense(t, f"{b}.fc1"), "wo": _dense(t, f"{b}.fc2")},
+             "mlp_norm": _norm(t, f"{b}.final_layer_norm")}
+      if cross:
+        lay["cross_attn"] = attn(f"{b}.encoder_attn")
+        lay["cross_attn_norm"] = _norm(t, f"{b}.encoder_attn_layer_norm")
+      s[f"layers_{i}"] = lay
+    return s
+
+  p = {"token_embed": {"embedding": t.get("shared.weight", "encoder.embed_tokens.weight")},
+       "encoder": stack("encoder", cfg.num_layers, False),
+       "decoder": stack("decoder", cfg.decoder_layers, True)}
+  if not cfg.tie_embeddings:
+    p["lm_head"] = _dense(t, "lm_head", bias=False)
+  return p
+
+
+_LAYOUTS: dict[str, Callable[[_Tensors, ModelConfig], dict]] = {
+    "gpt2": _gpt2, "bert": _bert, "t5": _t5, "bart": _bart}
+
+
+def load_hf(hf_dir: str, base: Optional[ModelConfig] = None) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, unboxed float32 param tree) of the HF checkpoint folder `hf_dir`.
+
+  `base` supplies the non-architecture fields (dtype, dropout, heads, ...); the
+  architecture comes from config.json. Head flags follow the tensors present.
+  """
+  hf_dir = os.path.expanduser(hf_dir)
+  overrides = model_overrides(hf_dir)
+  kind = _read_config(hf_dir)["model_type"]
+  cfg = dataclasses.replace(base or ModelConfig(), **overrides)
+  tensors = _Tensors(hf_dir)
+  params = _LAYOUTS[kind](tensors, cfg)
+  if cfg.family == "encoder_only":
+    cfg = dataclasses.replace(cfg, mlm_head="mlm_transform" in params, nsp_head="nsp_head" in params,
+                              num_classes=params["classifier"]["kernel"].shape[1]
+                              if "classifier" in params else 0)
+  return cfg, params
+
+
+# -------------------------------------------------------------- init_from
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict) or hasattr(tree, "items"):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def _fresh(path: str, shape: tuple[int, ...]) -> np.ndarray:
+  """A new head parameter: normal(0.02) kernels/embeddings, ones for norm scales, zeros otherwise."""
+  leaf = path.rsplit("/", 1)[-1]
+  if leaf == "scale":
+    return np.ones(shape, np.float32)
+  if leaf in ("kernel", "embedding"):
+    rng = np.random.default_rng(zlib.crc32(path.encode()))
+    return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+  return np.zeros(shape, np.float32)
+
+
+def load_init_params(init_from: str, cfg: ModelConfig, target_params_shapes) -> dict:
+  """Params for `cfg` from `init_from="hf:DIR"`, checked against the target tree's shapes.
+
+  `target_params_shapes` is the model's param tree (arrays, boxed or not, or
+  jax.ShapeDtypeStruct). Head parameters the checkpoint lacks (a new classifier,
+  pooler, ...) keep the target's values, or are freshly initialised when only
+  shapes are given. A learned position table longer than config.model.max_len
+  (plus offset) is cut to its first rows. Raises ConfigError (one line) on an unsupported layout, an
+  architecture that disagrees with `cfg`, a missing tensor or a shape mismatch.
+  """
+  if not init_from.startswith("hf:"):
+    raise ConfigError(f"init_from={init_from!r}: hf_import only reads 'hf:DIR'")
+  hf_dir = init_from[3:]
+  hf_cfg, params = load_hf(hf_dir, cfg)
+  for field in _ARCH_FIELDS:
+    ours, theirs = getattr(cfg, field), getattr(hf_cfg, field)
+    if field == "num_decoder_layers":
+      ours, theirs = cfg.decoder_layers, hf_cfg.decoder_layers
+    if ours != theirs:
+      raise ConfigError(f"init_from={init_from}: config.model.{field}={ours!r} but the checkpoint "
+                        f"has {theirs!r}; use gptjax.transfer.hf_import.model_overrides({hf_dir!r})")
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  target = _flatten(nn.meta.unbox(target_params_shapes))
+  loaded = _flatten(params)
+  out = {}
+  for path, ref in target.items():
+    shape = tuple(ref.shape)
+    if path not in loaded:
+      if path.split("/", 1)[0] in HEAD_PARAMS:
+        out[path] = np.asarray(ref) if hasattr(ref, "__array__") else _fresh(path, shape)
+        continue
+      raise ConfigError(f"init_from={init_from}: the checkpoint has no tensor for param {path!r}")
+    value = loaded[path]
+    if path.endswith("pos_embed/embedding") and value.shape[1:] == shape[1:] and \
+        value.shape[0] > shape[0]:  # a shorter config.model.max_len keeps the first rows
+      loaded[path] = value[:shape[0]]
+    if tuple(loaded[path].shape) != shape:
+      raise ConfigError(f"init_from={init_from}: shape mismatch for {path!r}: checkpoint "
+                        f"{tuple(loaded[path].shape)} vs config {shape}")
+    out[path] = loaded[path]
+  return _unflatten(out)
