@@ -14,7 +14,8 @@ import pytest
 from conftest import load_config
 from gptjax import config_schema
 from gptjax.inference import sentence_embeddings as embeddings
-from gptjax.transfer import sft_data as finetune
+from gptjax.transfer import sft_data
+from gptjax.transfer import trainable as trainable_lib
 from gptjax.transfer import lora
 from gptjax.model import models
 from gptjax.transfer import quantize
@@ -76,14 +77,14 @@ def test_lora_target_naming_no_layer_is_one_line():
 def test_frozen_params_bit_identical_after_masked_steps(trainable):
   cfg = tiny("bert", num_classes=2, mlm_head=False, nsp_head=False)
   params = _init(cfg)
-  mask = finetune.trainable_mask(params, trainable, cfg.family)
+  mask = trainable_lib.trainable_mask(params, trainable, cfg.family)
   assert mask["classifier"]["kernel"] and not mask["token_embed"]["embedding"]
   assert mask["encoder"]["layers_1"]["mlp"]["wo"]["kernel"] == (trainable == "last_block")
   assert not mask["encoder"]["layers_0"]["mlp"]["wo"]["kernel"]
-  tx = finetune.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), mask)
+  tx = trainable_lib.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), mask)
   opt_state = tx.init(params)
   n_state = sum(x.size for x in jax.tree.leaves(opt_state))
-  trained, total = finetune.count_trainable(params, mask)
+  trained, total = trainable_lib.count_trainable(params, mask)
   assert n_state <= 2 * trained + 8 < 2 * total  # no moments for frozen params
   model = models.make_model(cfg)
   labels = jnp.array([0, 1])
@@ -110,7 +111,7 @@ def test_frozen_params_bit_identical_after_masked_steps(trainable):
 
 def test_head_mode_without_a_head_is_one_line():
   with pytest.raises(ConfigError) as e:
-    finetune.trainable_mask(_init(tiny("gpt")), "head", "decoder_only")
+    trainable_lib.trainable_mask(_init(tiny("gpt")), "head", "decoder_only")
   assert "\n" not in str(e.value)
 
 
@@ -126,21 +127,21 @@ def test_sft_loss_mask_covers_response_only(tmp_path):
   path.write_text("\n".join(json.dumps(r) for r in [
       {"instruction": "Add", "input": "2 and 3", "output": "5"},
       {"instruction": "Say hi", "output": "hello there"}]) + "\n")
-  records = finetune.load_sft_jsonl(str(path))
+  records = sft_data.load_sft_jsonl(str(path))
   template = "### Instruction:\n{instruction}\n{input}\n### Response:\n"
   tok = _CharTokenizer()
   for rec in records:
-    ids, mask = finetune.format_sft_example(rec, template, tok, eos_id=0)
+    ids, mask = sft_data.format_sft_example(rec, template, tok, eos_id=0)
     prompt = template.format(instruction=rec["instruction"], input=rec["input"])
     assert bytes(ids[mask == 1][:-1].tolist()).decode() == rec["output"]
     assert bytes(ids[mask == 0].tolist()).decode() == prompt
     assert mask[-1] == 1 and ids[-1] == 0 and mask[:len(prompt)].sum() == 0
-  batch = finetune.sft_batch([finetune.format_sft_example(r, template, tok) for r in records], 64)
+  batch = sft_data.sft_batch([sft_data.format_sft_example(r, template, tok) for r in records], 64)
   row = batch["targets"][0][batch["weights"][0] == 1]
   assert bytes(row.tolist()).decode() == "5"
   (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n')
   with pytest.raises(ConfigError) as e:
-    finetune.load_sft_jsonl(str(tmp_path / "bad.jsonl"))
+    sft_data.load_sft_jsonl(str(tmp_path / "bad.jsonl"))
   assert "bad.jsonl:1" in str(e.value) and "output" in str(e.value)
 
 

@@ -15,11 +15,9 @@ checkpoint). Hidden states and attention probabilities are captured with
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import inspect
 import os
-import re
 import sys
 from typing import Any, Optional
 
@@ -30,11 +28,15 @@ import ml_collections
 import numpy as np
 
 from gptjax.analysis import plots as analysis_plots
+# the tables are read as checkpoint_analysis.<name> by callers and tests
+from gptjax.analysis.param_tables import (  # noqa: F401
+    _natural, diff_tables, flat, format_table, layer_of, layer_table, param_table, write_csv)
 
 from gptjax.training import checkpointing
 
 from gptjax.model import layers
 
+from gptjax.model import family as model_family
 from gptjax.model import models
 
 from gptjax.training import objectives
@@ -44,7 +46,6 @@ from gptjax.config_schema import ConfigError
 from gptjax.model.layers import ModelConfig
 
 DEFAULT_SENTENCE = "The quick brown fox jumps over the lazy dog, and the dog sleeps on."
-_LAYER = re.compile(r"^layers_\d+$")
 
 
 @dataclasses.dataclass
@@ -85,50 +86,6 @@ def load(workdir: str) -> Checkpoint:
   return Checkpoint(workdir, config, params, tokenizer)
 
 
-# ============================================================================ parameters
-def flat(params: Any) -> list[tuple[str, np.ndarray]]:
-  """(slash-joined path, array) for every parameter leaf, in tree order."""
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [("/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), np.asarray(leaf))
-          for path, leaf in leaves]
-
-
-def layer_of(name: str) -> str:
-  """The layer a parameter belongs to: `decoder/layers_3`, `token_embed`, `decoder/final_norm`."""
-  parts = name.split("/")
-  for i, p in enumerate(parts):
-    if _LAYER.match(p):
-      return "/".join(parts[: i + 1])
-  return "/".join(parts[:-1]) or parts[0]
-
-
-def _natural(text: str):
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def param_table(params: Any) -> list[dict]:
-  """One row per parameter: layer, shape, size, L2 norm, RMS, max |x|."""
-  rows = []
-  for name, x in flat(params):
-    x64 = x.astype(np.float64)
-    norm = float(np.sqrt(np.sum(x64 * x64)))
-    rows.append({"param": name, "layer": layer_of(name), "shape": "x".join(map(str, x.shape)),
-                 "size": int(x.size), "norm": norm, "rms": norm / max(np.sqrt(x.size), 1.0),
-                 "max_abs": float(np.max(np.abs(x64))) if x.size else 0.0})
-  return rows
-
-
-def layer_table(params: Any) -> list[dict]:
-  """One row per layer: parameter count and the L2 norm of all its parameters together."""
-  sums: dict[str, list] = {}
-  for name, x in flat(params):
-    s = sums.setdefault(layer_of(name), [0, 0.0])
-    s[0] += x.size
-    s[1] += float(np.sum(x.astype(np.float64) ** 2))
-  return [{"layer": k, "size": v[0], "norm": float(np.sqrt(v[1]))}
-          for k, v in sorted(sums.items(), key=lambda kv: _natural(kv[0]))]
-
-
 def check_same_architecture(a: Checkpoint, b: Checkpoint) -> None:
   """Raises ConfigError in one line when two checkpoints' parameters cannot be compared."""
   ma, mb = a.config.model.to_dict(), b.config.model.to_dict()
@@ -144,29 +101,6 @@ def check_same_architecture(a: Checkpoint, b: Checkpoint) -> None:
   if diffs:
     raise ConfigError(f"{a.workdir} and {b.workdir} have different architectures "
                       f"({'; '.join(diffs[:3])}); diff and CKA need the same model config")
-
-
-def diff_tables(params_a: Any, params_b: Any) -> tuple[list[dict], list[dict]]:
-  """(per-parameter rows, per-layer rows) of relative change ||a-b||/||a|| and cosine(a, b)."""
-  fa, fb = dict(flat(params_a)), dict(flat(params_b))
-  if set(fa) != set(fb) or any(fa[n].shape != fb[n].shape for n in fa):
-    raise ConfigError("the two parameter trees differ in names or shapes; they are different "
-                      "architectures")
-
-  def row(dot, aa, bb, dd):
-    na, nb = np.sqrt(aa), np.sqrt(bb)
-    return {"norm_a": float(na), "norm_b": float(nb),
-            "rel_change": float(np.sqrt(dd) / na) if na > 0 else float(np.sqrt(dd) > 0),
-            "cosine": float(dot / (na * nb)) if na > 0 and nb > 0 else float(na == nb)}
-
-  param_rows, acc = [], {}
-  for name, a in fa.items():
-    a64, b64 = a.astype(np.float64).ravel(), fb[name].astype(np.float64).ravel()
-    stats = np.array([a64 @ b64, a64 @ a64, b64 @ b64, np.sum((a64 - b64) ** 2)])
-    param_rows.append({"param": name, "layer": layer_of(name), **row(*stats)})
-    acc[layer_of(name)] = acc.get(layer_of(name), 0) + stats
-  layer_rows = [{"layer": k, **row(*v)} for k, v in sorted(acc.items(), key=lambda kv: _natural(kv[0]))]
-  return param_rows, layer_rows
 
 
 # ============================================================================ capture
@@ -295,14 +229,8 @@ def sentence_inputs(ckpt: Checkpoint, sentence: str) -> tuple[dict, list[str], l
     raise ConfigError(f"--sentence={sentence!r} has no tokens")
   tokens = [ckpt.tokenizer.decode([i], skip_special=False) or ckpt.tokenizer.id_to_token(i)
             for i in ids]
-  x = jnp.asarray([ids], jnp.int32)
-  if cfg.family == "decoder_only":
-    return {"inputs": x}, tokens, tokens
-  if cfg.family == "encoder_only":
-    return {"inputs": x, "input_mask": jnp.ones_like(x)}, tokens, tokens
-  dec = jnp.asarray([[0] + ids[:-1]], jnp.int32)
-  return {"enc_inputs": x, "enc_mask": jnp.ones_like(x), "dec_inputs": dec}, tokens, \
-      ["<start>"] + tokens[:-1]
+  kwargs, shifted = model_family.of(cfg).attention_inputs(ids)
+  return kwargs, tokens, (["<start>"] + tokens[:-1] if shifted else tokens)
 
 
 def attention_maps(ckpt: Checkpoint, sentence: str) -> tuple[dict[str, np.ndarray], dict, float]:
@@ -327,7 +255,7 @@ def attention_maps(ckpt: Checkpoint, sentence: str) -> tuple[dict[str, np.ndarra
     error = max(error, float(jnp.max(jnp.abs(ctx.reshape(rec["context"].shape)
                                              - rec["context"].astype(jnp.float32)))))
     probs[path] = np.asarray(p[0])
-    is_dec = path.startswith("decoder") and cfg.family == "encoder_decoder"
+    is_dec = path.startswith("decoder") and model_family.of(cfg).cross_attention
     q_tokens = dec_tokens if is_dec else tokens
     labels[path] = (q_tokens, tokens if path.endswith("cross_attn") or not is_dec else dec_tokens)
   return probs, labels, error
@@ -340,29 +268,6 @@ def eval_metrics(ckpt: Checkpoint, split: str = "validation", max_batches: int =
   config = ml_collections.ConfigDict(ckpt.config.to_dict())
   config.model.scan_layers, config.model.remat = False, "none"  # params are unstacked
   return train.evaluate_params(config, ckpt.params, ckpt.tokenizer, split, max_batches)
-
-
-# ============================================================================ output
-def write_csv(path: str, rows: list[dict]) -> str:
-  """Writes `rows` (dicts with the same keys) to `path`."""
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-    writer.writeheader()
-    writer.writerows(rows)
-  return path
-
-
-def format_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
-  """A plain-text table of `rows`; floats with 5 significant digits."""
-  if not rows:
-    return "(empty)"
-  columns = columns or list(rows[0])
-  cell = lambda v: f"{v:.5g}" if isinstance(v, float) else str(v)
-  cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-  line = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                                for i, (v, w) in enumerate(zip(vals, widths)))
-  return "\n".join([line(columns), "-" * (sum(widths) + 2 * len(widths)), *map(line, cells)])
 
 
 def analyze(workdir: str, other_workdir: Optional[str] = None, sentence: Optional[str] = None,

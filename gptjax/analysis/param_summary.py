@@ -7,6 +7,7 @@ import re
 from typing import Any, Iterable
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import numpy as np
 
@@ -22,12 +23,8 @@ def param_shapes(cfg: ModelConfig, seq_len: int = 8) -> Any:
 
 def flat_params(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
   """(path, shape) for every parameter leaf, paths joined by '/'."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  out = []
-  for path, leaf in leaves:
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    out.append((name, tuple(leaf.shape)))
-  return out
+  return [("/".join(path), tuple(leaf.shape))
+          for path, leaf in sorted(traverse_util.flatten_dict(tree).items())]
 
 
 def count_params(tree: Any) -> int:

@@ -46,20 +46,18 @@ TOKEN_KEYS = {
             "rejected_mask", "ref_chosen_logp", "ref_rejected_logp", "pair_weights"),
 }
 
-# Which family can train which objective, declared once.
-FAMILY_OBJECTIVES = {
-    "encoder_only": ("mlm", "nsp", "sop", "mlm_nsp", "classification"),
-    "decoder_only": ("next_token", "prefix_lm", "classification", "instruction", "dpo"),
-    "encoder_decoder": ("span_corruption", "denoise", "classification", "dpo"),
-}
-
 
 def check_family_objective(family: str, objective: str) -> None:
-  """Raises ConfigError in one line when `family` cannot train `objective`."""
+  """Raises ConfigError in one line when `family` cannot train `objective`.
+
+  Each family's objectives are declared by its adapter (gptjax/model/family.py).
+  """
   from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top
+  from gptjax.model import family as model_family  # pylint: disable=g-import-not-at-top
   if objective not in TOKEN_KEYS:
     raise ConfigError(f"config.objective={objective!r} is unknown; allowed: {', '.join(TOKEN_KEYS)}")
-  if objective not in FAMILY_OBJECTIVES[family]:
+  allowed = model_family.get(family).objectives
+  if objective not in allowed:
     raise ConfigError(
         f"config.objective={objective!r} cannot train config.model.family={family!r}; "
-        f"that family supports: {', '.join(FAMILY_OBJECTIVES[family])}")
+        f"that family supports: {', '.join(allowed)}")

@@ -11,123 +11,27 @@ the processes' batches is exactly the single-process batch.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import re
-from typing import Any, Optional
+from typing import Optional
 
 import grain
 import jax
 import numpy as np
 
-from gptjax.data import corpora
-
-from gptjax.transfer import sft_data as finetune
-
+from gptjax.config_schema import ConfigError
 from gptjax.data import masking
-
+# tokenized, data_fingerprint and unigram_loss are read through this module by the train loop
+from gptjax.data.token_cache import data_fingerprint, tokenized, unigram_loss  # noqa: F401
+from gptjax.model import family as model_family
 from gptjax.training import preference
-from gptjax.config_schema import ConfigError, cache_dir
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-# ------------------------------------------------------------------ tokenized corpora
-_TOKEN_CACHE_FORMAT = "2"
-
-
-def _cache_path(config, tokenizer, split: str, what: str, corpus_fp: str) -> str:
-  """The token cache file: keyed on the tokenizer, the corpus's content and every data setting
-  that changes which documents are read (max_docs)."""
-  key = hashlib.sha256("|".join([_TOKEN_CACHE_FORMAT, tokenizer.fingerprint, config.data.corpus,
-                                 config.data.text_files, corpus_fp, str(config.data.max_docs),
-                                 split, what]).encode())
-  return os.path.join(cache_dir(), "tokens", key.hexdigest()[:20] + ".npz")
-
-
-@functools.lru_cache(maxsize=16)
-def _tokenized(config_json: str, tokenizer_json: str, split: str, what: str, corpus_fp: str):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from gptjax.data import tokenization  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(__import__("json").loads(config_json))
-  tokenizer = tokenization.tokenizer_from_json(tokenizer_json)
-  path = _cache_path(config, tokenizer, split, what, corpus_fp)
-  if os.path.exists(path):
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
-  docs = corpora.documents(config, split)
-  if what == "stream":  # documents joined, each starting with EOS
-    ids = tokenizer.encode_batch([d["text"] for d in docs])
-    eos = tokenizer.eos_id
-    parts = [np.asarray([eos] + x, np.int32) for x in ids if x]
-    out = {"tokens": np.concatenate(parts) if parts else np.zeros((0,), np.int32)}
-  elif what == "sentences":  # flat tokens with sentence and document offsets
-    sents, doc_of = [], []
-    for i, d in enumerate(docs):
-      for line in d["text"].split("\n"):
-        for s in _SENTENCE_END.split(line.strip()):
-          if s.strip():
-            sents.append(s.strip())
-            doc_of.append(i)
-    ids = tokenizer.encode_batch(sents) if sents else []
-    lengths = np.asarray([len(x) for x in ids], np.int64)
-    out = {"tokens": np.asarray([t for x in ids for t in x], np.int32),
-           "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-           "doc": np.asarray(doc_of, np.int64)}
-  else:  # labelled texts
-    a = tokenizer.encode_batch([d["text"] for d in docs])
-    b = tokenizer.encode_batch([d["text_b"] for d in docs])
-    flat = lambda xs: np.asarray([t for x in xs for t in x], np.int32)
-    off = lambda xs: np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64)
-    out = {"a": flat(a), "a_off": off(a), "b": flat(b), "b_off": off(b),
-           "label": np.asarray([d["label"] for d in docs], np.int32)}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **out)
-  os.replace(tmp, path)
-  return out
-
-
-def tokenized(config, tokenizer, split: str, what: str) -> dict:
-  """Token arrays of a split (cached on disk by tokenizer, corpus content and max_docs)."""
-  return _tokenized(config.to_json_best_effort(), tokenizer.to_json(), split, what,
-                    data_fingerprint(config))
-
-
-def data_fingerprint(config) -> str:
-  """sha256 prefix over the full content of the files the run's documents come from.
-
-  gptjax corpora and `text_files`: their raw files; instruction tuning: its JSONL files; a TFDS
-  dataset prepared by name: its name and folder (TFDS versions its own builds).
-  """
-  d = config.data
-  if config.objective == "instruction":
-    return _files_fingerprint(b"instruction", (config.finetune.instruction_data,
-                                               config.finetune.instruction_eval_data))
-  if config.objective == "dpo":
-    return _files_fingerprint(b"dpo", preference.data_files(config))
-  if corpora.is_builtin(d.corpus):
-    return corpora.raw_fingerprint(d.corpus, corpora.raw_data_dir(d.raw_dir), d.text_files)
-  return hashlib.sha256(f"{d.corpus}@{d.tfds_data_dir}".encode()).hexdigest()[:16]
-
-
-def _files_fingerprint(kind: bytes, paths) -> str:
-  """sha256 prefix over the names, sizes and full content of the files that exist."""
-  h = hashlib.sha256(kind)
-  for path in paths:
-    if path and os.path.exists(path):
-      with open(path, "rb") as f:
-        h.update(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode() + f.read())
-  return h.hexdigest()[:16]
+from gptjax.transfer import sft_data
 
 
 def _instruction_records(config, split: str) -> list[dict]:
   """The split's {instruction, input, output} records (every 20th held out when no eval file)."""
   f = config.finetune
   if split != "train" and f.instruction_eval_data:
-    return finetune.load_sft_jsonl(f.instruction_eval_data)
-  records = finetune.load_sft_jsonl(f.instruction_data)
+    return sft_data.load_sft_jsonl(f.instruction_eval_data)
+  records = sft_data.load_sft_jsonl(f.instruction_data)
   if f.instruction_eval_data:
     return records
   keep = (lambda i: i % 20 != 19) if split == "train" else (lambda i: i % 20 == 19)
@@ -136,14 +40,6 @@ def _instruction_records(config, split: str) -> list[dict]:
     raise ConfigError(f"config.finetune.instruction_data={f.instruction_data!r} has too few records "
                       f"for a {split} split (every 20th is held out); give instruction_eval_data")
   return chosen[:config.data.max_docs or None]
-
-
-def unigram_loss(config, tokenizer) -> float:
-  """Entropy in nats of the train split's token frequencies: the loss of a unigram model."""
-  tokens = tokenized(config, tokenizer, "train", "stream")["tokens"]
-  counts = np.bincount(tokens)
-  p = counts[counts > 0] / len(tokens)
-  return float(-(p * np.log(p)).sum())
 
 
 # ------------------------------------------------------------------ examples per objective
@@ -299,20 +195,14 @@ class Examples:
     if obj == "dpo":
       return self.pairs.example(i)
     if obj == "instruction":
-      ids, mask = finetune.format_sft_example(self.records[i], self.config.finetune.prompt_template,
+      ids, mask = sft_data.format_sft_example(self.records[i], self.config.finetune.prompt_template,
                                               tok.tok, tok.eos_id)
       if len(ids) > L + 1 and mask.sum() <= L:  # too long: drop the oldest prompt tokens
         ids, mask = ids[-(L + 1):], mask[-(L + 1):]
-      return {k: v[0] for k, v in finetune.sft_batch([(ids, mask)], L, tok.pad_id).items()}
+      return {k: v[0] for k, v in sft_data.sft_batch([(ids, mask)], L, tok.pad_id).items()}
     # classification
     a, b = self._labelled(i, "a"), self._labelled(i, "b")
-    if self.config.model.family == "encoder_only":
-      a, b = masking.truncate_pair(a, b, L - (3 if b else 2)) if b else (a[:L - 2], [])
-      ids = [tok.cls_id] + a + [tok.sep_id] + (b + [tok.sep_id] if b else [])
-      types = [0] * (len(a) + 2) + [1] * (len(b) + 1 if b else 0)
-    else:
-      ids = (a + ([tok.sep_id or tok.eos_id] + b if b else []))[:L - 1] + [tok.eos_id]
-      types = [0] * len(ids)
+    ids, types = model_family.of(self.config.model).pair_ids(tok, a, b, L)
     return {"inputs": self._pad(ids, L, tok.pad_id), "input_mask": self._pad([1] * len(ids), L),
             "token_type_ids": self._pad(types, L), "labels": np.int32(self.data["label"][i]),
             "label_weights": np.float32(1.0)}

@@ -135,7 +135,8 @@ def special_scheme(kind: str, family: str) -> str:
     return "bert"
   if kind == "unigram":
     return "t5"
-  return "gpt" if family == "decoder_only" else "bart"
+  from gptjax.model import family as model_family  # pylint: disable=g-import-not-at-top
+  return model_family.get(family).bpe_specials
 
 
 def required_specials(scheme: str, num_sentinels: int = 0) -> list[str]:
@@ -155,8 +156,10 @@ def check_specials(tokenizer: TextTokenizer, scheme: str, num_sentinels: int, so
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, num_sentinels: int = 0,
-                    family: str = "decoder_only") -> TextTokenizer:
-  """Trains a tokenizer of `kind` with the special tokens of `family` on `texts`."""
+                    family: str = "") -> TextTokenizer:
+  """Trains a tokenizer of `kind` with the special tokens of `family` (default decoder-only)."""
+  from gptjax.model import family as model_family  # pylint: disable=g-import-not-at-top
+  family = family or model_family.DECODER_ONLY
   specials = required_specials(special_scheme(kind, family), num_sentinels)
   if vocab_size < len(specials) + (256 if kind == "bpe" else 30):
     raise ConfigError(f"config.data.tokenizer.vocab_size={vocab_size} is too small for the "

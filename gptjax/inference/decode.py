@@ -23,9 +23,9 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from gptjax.config_schema import ConfigError
+from gptjax.model import family as model_family
 
 Array = jax.Array
 _NEG = -1e30  # a removed logit: exp() underflows to 0 but arithmetic on it stays finite
@@ -132,7 +132,7 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], max_len: int, family: str
   for i, p in enumerate(prompt_ids):
     if len(p) == 0:
       raise ConfigError(f"prompt {i} is empty (0 tokens); give at least one token of text")
-    limit = max_len - 1 if family == "decoder_only" else max_len
+    limit = model_family.get(family).prompt_limit(max_len)
     if len(p) > limit:
       raise ConfigError(f"prompt {i} has {len(p)} tokens, longer than the context allows "
                         f"(config.model.max_len={max_len}, at most {limit} prompt tokens)")
@@ -212,75 +212,9 @@ def _stop_hit(buf_BxT: Array, col: Array, t: Array, stops) -> Array:
 
 
 # ------------------------------------------------------------------------ model calls
-def _zero_cache(fn, *args):
-  shapes = jax.eval_shape(fn, *args)["cache"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
 def _model_fns(model, use_cache: bool):
-  """(prefill, step) for the model family.
-
-  prefill(params, buf_BxT, mask_BxT, P, enc_BxS, enc_mask_BxS) -> (logits_BxV, cache, ctx)
-  step(params, cache, ctx, buf_BxT, mask_BxT, col, tok_B, pos_B) -> (logits_BxV, cache)
-  The self-attention cache holds T = P + N keys, the buffer's width: no key beyond the request.
-  """
-  from gptjax.model import models  # pylint: disable=g-import-not-at-top
-  family = model.cfg.family
-  if family == "decoder_only":
-    def prefill(params, buf, mask, P, enc, enc_mask):
-      del enc, enc_mask
-      pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-      if not use_cache:
-        logits = model.apply({"params": params}, buf, positions=pos, input_mask=mask)["logits"]
-        return logits[:, P - 1], None, None
-      t = buf.shape[1]
-      cache = _zero_cache(lambda b: model.init(jax.random.key(0), b, decode=True, cache_len=t),
-                          buf[:, :1])
-      out, mut = model.apply({"params": params, "cache": cache}, buf[:, :P], positions=pos[:, :P],
-                             input_mask=mask[:, :P], decode=True, cache_len=t, mutable=["cache"])
-      return out["logits"][:, -1], mut["cache"], None
-
-    def step(params, cache, ctx, buf, mask, col, tok, pos):
-      del ctx
-      if not use_cache:
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        logits = model.apply({"params": params}, buf, positions=positions, input_mask=mask)["logits"]
-        return jax.lax.dynamic_index_in_dim(logits, col, axis=1, keepdims=False), None
-      out, mut = model.apply({"params": params, "cache": cache}, tok[:, None], positions=pos[:, None],
-                             input_mask=jnp.ones_like(tok)[:, None], decode=True, mutable=["cache"])
-      return out["logits"][:, 0], mut["cache"]
-    return prefill, step
-
-  if family != "encoder_decoder":
-    raise ConfigError(f"config.model.family={family!r} cannot generate text; use decoder_only or "
-                      "encoder_decoder")
-  dec = models.EncoderDecoder.decode
-
-  def prefill(params, buf, mask, P, enc, enc_mask):
-    del mask
-    encoded = model.apply({"params": params}, enc, enc_mask, method=models.EncoderDecoder.encode)
-    if not use_cache:
-      logits = model.apply({"params": params}, encoded, enc_mask, buf, method=dec)
-      return logits[:, P - 1], None, (encoded, enc_mask)
-    t = buf.shape[1]
-    cache = _zero_cache(lambda e, m, b: model.init(jax.random.key(0), e, m, b, decode=True,
-                                                   cache_len=t, method=dec),
-                        encoded, enc_mask, buf[:, :1])
-    # the prefill projects the encoder's keys and values into the cache once; steps reuse them
-    logits, mut = model.apply({"params": params, "cache": cache}, encoded, enc_mask, buf[:, :P],
-                              decode=True, cache_len=t, mutable=["cache"], method=dec)
-    return logits[:, -1], mut["cache"], (None, enc_mask)
-
-  def step(params, cache, ctx, buf, mask, col, tok, pos):
-    del mask, pos
-    encoded, enc_mask = ctx
-    if not use_cache:
-      logits = model.apply({"params": params}, encoded, enc_mask, buf, method=dec)
-      return jax.lax.dynamic_index_in_dim(logits, col, axis=1, keepdims=False), None
-    logits, mut = model.apply({"params": params, "cache": cache}, None, enc_mask, tok[:, None],
-                              decode=True, mutable=["cache"], method=dec)
-    return logits[:, 0], mut["cache"]
-  return prefill, step
+  """(prefill, step) of the model's family (`FamilyAdapter.decode_fns`)."""
+  return model_family.of(model).decode_fns(model, use_cache)
 
 
 # ------------------------------------------------------------------------ sampling loop
@@ -335,42 +269,17 @@ def _sampler(model, settings: DecodeSettings):
 def _pack(prompt_ids, model, settings: DecodeSettings, pad_id: int, start_id: int):
   """Host-side: clipped settings, the BxT buffer and mask, and the encoder inputs.
 
-  T = P + N: P the prompt width (`prompt_width`), N the new tokens. A decoder-only request whose
-  prompt plus max_new_tokens passes max_len gets fewer new tokens, with a logged warning.
+  T = P + N: P the prompt width (`prompt_width`), N the new tokens (`FamilyAdapter.pack_prompts`).
+  A decoder-only request whose prompt plus max_new_tokens passes max_len gets fewer new tokens,
+  with a logged warning.
   """
   cfg = model.cfg
   check_settings(settings)
   check_prompts(prompt_ids, cfg.max_len, cfg.family)
   check_new_tokens(settings, cfg.max_len, cfg.family)
-  longest = max(len(p) for p in prompt_ids)
-  b = len(prompt_ids)
-  n_new = settings.max_new_tokens
-  if cfg.family == "decoder_only":
-    if longest + n_new > cfg.max_len:
-      n_new = cfg.max_len - longest
-      logging.warning("config.generate.max_new_tokens=%d capped to %d: the longest prompt has %d "
-                      "tokens and config.model.max_len=%d", settings.max_new_tokens, n_new,
-                      longest, cfg.max_len)
-    P = prompt_width(longest, n_new, cfg.max_len, settings.prompt_buckets)
-    buf = np.full((b, P + n_new), pad_id, np.int32)
-    mask = np.zeros((b, P + n_new), np.int32)
-    for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at column P - 1
-      buf[i, P - len(p):P] = p
-      mask[i, P - len(p):P] = 1
-    enc = enc_mask = None
-  else:
-    P = 1
-    buf = np.full((b, P + n_new), pad_id, np.int32)
-    buf[:, 0] = start_id
-    mask = np.zeros((b, P + n_new), np.int32)
-    mask[:, 0] = 1
-    width = prompt_width(longest, 0, cfg.max_len, settings.prompt_buckets)
-    enc = np.full((b, width), pad_id, np.int32)
-    enc_mask = np.zeros((b, width), np.int32)
-    for i, p in enumerate(prompt_ids):
-      enc[i, :len(p)] = p
-      enc_mask[i, :len(p)] = 1
-    enc, enc_mask = jnp.asarray(enc), jnp.asarray(enc_mask)
+  width = lambda longest, n_new: prompt_width(longest, n_new, cfg.max_len, settings.prompt_buckets)
+  n_new, buf, mask, enc, enc_mask = model_family.of(cfg).pack_prompts(
+      prompt_ids, cfg, settings.max_new_tokens, width, pad_id, start_id)
   static = dataclasses.replace(settings, max_new_tokens=n_new, seed=0)
   return static, jnp.asarray(buf), jnp.asarray(mask), enc, enc_mask
 

@@ -17,6 +17,7 @@ import jax
 
 from gptjax.inference import decode
 
+from gptjax.model import family as model_family
 from gptjax.model import models
 from gptjax.config_schema import ConfigError
 from gptjax.model.layers import ModelConfig
@@ -33,9 +34,7 @@ def complete(config, params, tokenizer, prompts: list[str], settings: decode.Dec
              ) -> list[str]:
   """The generated text after each prompt (stop strings and what follows them removed)."""
   cfg = ModelConfig.from_config(config.model)
-  if cfg.family not in ("decoder_only", "encoder_decoder"):
-    raise ConfigError(f"config.model.family={cfg.family!r} cannot generate text; "
-                      "--mode=generate needs a decoder_only or encoder_decoder checkpoint")
+  model_family.of(cfg).check_generates("generate text (--mode=generate)")
   model = models.make_model(cfg)
   ids = [tokenizer.encode(p) for p in prompts]
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.model import family as model_family
 from gptjax.model import models
 from gptjax.config_schema import ConfigError
 
@@ -60,34 +61,46 @@ def draw_demos(pool: Sequence[tuple[str, int]], k: int, seed: int, index: int) -
 
 @functools.lru_cache(maxsize=8)
 def _scorer(model):
-  """Jitted sum of log p(target tokens) per row, for the model's family."""
-  family = model.cfg.family
+  """Jitted sum of log p(continuation tokens) per row (`family.sequence_logps`)."""
+  model_family.of(model).check_generates("be scored by --mode=icl (no language-model head)")
+  return jax.jit(lambda params, rows: model_family.sequence_logps(model, params, rows)[0])
 
-  def score_decoder(params, ids_BxL, mask_BxL, weights_BxL):
-    logits = model.apply({"params": params}, ids_BxL, input_mask=mask_BxL)["logits"]
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tok = jnp.take_along_axis(logp, ids_BxL[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(tok * weights_BxL[:, 1:], axis=1)
 
-  def score_seq2seq(params, enc_BxS, enc_mask_BxS, dec_in_BxT, dec_tgt_BxT, weights_BxT):
-    logits = model.apply({"params": params}, enc_BxS, enc_mask_BxS, dec_in_BxT)["logits"]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tok = jnp.take_along_axis(logp, dec_tgt_BxT[..., None], axis=-1)[..., 0]
-    return jnp.sum(tok * weights_BxT, axis=1)
+def option_rows(model, context_ids: Sequence[int], option_ids: Sequence[int], pad_id: int,
+                start_id: int, width: int) -> dict[str, np.ndarray]:
+  """One scored row: the option after the end of the context (its start cut to fit max_len).
 
-  if family == "decoder_only":
-    return jax.jit(score_decoder)
-  if family == "encoder_decoder":
-    return jax.jit(score_seq2seq)
-  raise ConfigError(f"config.model.family={family!r} has no language-model head for "
-                    "--mode=icl; use a decoder_only or encoder_decoder checkpoint")
+  Decoder-only: context + option in one causal sequence of max_len; encoder-decoder: the context
+  in the encoder and the option (of at most `width` tokens) on the decoder side.
+  """
+  L = model.cfg.max_len
+  opt = list(option_ids)
+  if model_family.of(model).cross_attention:
+    ctx = list(context_ids)[-L:]
+    dec_in, tgt, n = [start_id] + opt[:-1], opt, len(opt)
+    row = {"prompt_inputs": _pad(ctx, L, pad_id), "prompt_mask": _pad([1] * len(ctx), L),
+           "inputs": _pad(dec_in, width, pad_id), "targets": _pad(tgt, width, pad_id),
+           "mask": _pad([1] * n, width)}
+    row["weights"] = row["mask"].astype(np.float32)
+    return row
+  ctx = list(context_ids)[-(L - len(opt)):]  # keep the end of a long prompt
+  seq = ctx + opt
+  weights = np.zeros(L, np.float32)
+  weights[max(len(ctx) - 1, 0):len(seq) - 1] = 1.0  # position t predicts token t + 1
+  return {"prompt_inputs": np.zeros(1, np.int32), "prompt_mask": np.zeros(1, np.int32),
+          "inputs": _pad(seq, L, pad_id), "targets": _pad(seq[1:], L, pad_id),
+          "mask": _pad([1] * len(seq), L), "weights": weights}
+
+
+def _pad(x, n: int, value: int = 0) -> np.ndarray:
+  x = np.asarray(list(x)[:n], np.int32)
+  return np.pad(x, (0, n - len(x)), constant_values=value)
 
 
 def score_options(model, params, prompt_ids: Sequence[Sequence[int]],
                   option_ids: Sequence[Sequence[int]], pad_id: int, start_id: int,
                   batch_size: int = 16) -> np.ndarray:
   """Summed log-likelihood of option j after prompt i, an array [len(prompts), len(options)]."""
-  cfg = model.cfg
   score = _scorer(model)
   longest_opt = max(len(o) for o in option_ids)
   rows = [(i, j) for i in range(len(prompt_ids)) for j in range(len(option_ids))]
@@ -96,37 +109,10 @@ def score_options(model, params, prompt_ids: Sequence[Sequence[int]],
     chunk = rows[start:start + batch_size]
     n = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - n)  # one shape: one compilation
-    if cfg.family == "decoder_only":
-      length = cfg.max_len
-      ids = np.full((batch_size, length), pad_id, np.int32)
-      mask = np.zeros_like(ids)
-      weights = np.zeros((batch_size, length), np.float32)
-      for r, (i, j) in enumerate(chunk):
-        opt = list(option_ids[j])
-        ctx = list(prompt_ids[i])[-(length - len(opt)):]  # keep the end of a long prompt
-        seq = ctx + opt
-        ids[r, :len(seq)] = seq
-        mask[r, :len(seq)] = 1
-        weights[r, len(ctx):len(seq)] = 1.0
-      got = score(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(weights))
-    else:
-      length = cfg.max_len
-      enc = np.full((batch_size, length), pad_id, np.int32)
-      enc_mask = np.zeros_like(enc)
-      dec_in = np.full((batch_size, longest_opt), pad_id, np.int32)
-      dec_tgt = np.full((batch_size, longest_opt), pad_id, np.int32)
-      weights = np.zeros((batch_size, longest_opt), np.float32)
-      for r, (i, j) in enumerate(chunk):
-        ctx = list(prompt_ids[i])[-length:]
-        opt = list(option_ids[j])
-        enc[r, :len(ctx)] = ctx
-        enc_mask[r, :len(ctx)] = 1
-        dec_in[r, :len(opt)] = [start_id] + opt[:-1]
-        dec_tgt[r, :len(opt)] = opt
-        weights[r, :len(opt)] = 1.0
-      got = score(params, jnp.asarray(enc), jnp.asarray(enc_mask), jnp.asarray(dec_in),
-                  jnp.asarray(dec_tgt), jnp.asarray(weights))
-    got = np.asarray(got)
+    built = [option_rows(model, prompt_ids[i], option_ids[j], pad_id, start_id, longest_opt)
+             for i, j in chunk]
+    got = np.asarray(score(params, {k: jnp.asarray(np.stack([r[k] for r in built]))
+                                    for k in built[0]}))
     for r, (i, j) in enumerate(chunk[:n]):
       out[i, j] = got[r]
   return out
@@ -155,8 +141,8 @@ def evaluate_icl(model, params, tokenizer, examples: Sequence[tuple[str, int]],
     scores = score_options(model, params, prompts, option_ids, pad, start, batch_size)
     result[f"acc@{k}"] = float(np.mean(np.argmax(scores, axis=1) == gold))
     # score_options keeps the end of a prompt longer than the model's context
-    room = model.cfg.max_len - (max(len(o) for o in option_ids)
-                                if model.cfg.family == "decoder_only" else 0)
+    room = model.cfg.max_len - (0 if model_family.of(model).cross_attention
+                                else max(len(o) for o in option_ids))
     result[f"cut@{k}"] = float(np.mean([len(p) > room for p in prompts]))
   return result
 

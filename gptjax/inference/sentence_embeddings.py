@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.model import family as model_family
 from gptjax.model import models
 from gptjax.config_schema import ConfigError
 
@@ -28,15 +29,10 @@ def token_ids(tokenizer: Any, text: str) -> list[int]:
 
 def _hidden_fn(model):
   """jit(params, ids, mask) -> mean-pooled, L2-normalised BxD embeddings for any family."""
-  cfg = model.cfg
+  adapter = model_family.of(model)
 
   def fn(params, ids_BxL, mask_BxL):
-    if cfg.family == "encoder_only":
-      h_BxLxD = model.apply({"params": params}, ids_BxL, mask_BxL)["hidden"]
-    elif cfg.family == "decoder_only":
-      h_BxLxD = model.apply({"params": params}, ids_BxL, input_mask=mask_BxL)["hidden"]
-    else:
-      h_BxLxD = model.apply({"params": params}, ids_BxL, mask_BxL, method="encode")
+    h_BxLxD = adapter.hidden_states(model, params, ids_BxL, mask_BxL)
     pooled_BxD = models.pool(h_BxLxD.astype(jnp.float32), mask_BxL, "mean")
     norm_Bx1 = jnp.linalg.norm(pooled_BxD, axis=-1, keepdims=True)
     return pooled_BxD / jnp.maximum(norm_Bx1, 1e-12)

@@ -260,24 +260,16 @@ class EncoderDecoder(nn.Module):
     return out
 
 
-MODELS = {"encoder_only": EncoderOnly, "decoder_only": DecoderOnly,
-          "encoder_decoder": EncoderDecoder}
-
-
 def make_model(cfg: ModelConfig) -> nn.Module:
-  """The model class of `cfg.family`, configured by `cfg`."""
-  return MODELS[cfg.family](cfg)
+  """The model class of `cfg.family`, configured by `cfg` (see gptjax/model/family.py)."""
+  from gptjax.model import family  # pylint: disable=g-import-not-at-top  # family imports this
+  return family.of(cfg).make_model(cfg)
 
 
 def dummy_inputs(cfg: ModelConfig, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
   """Keyword arguments that initialise `make_model(cfg)` for the given shapes."""
-  tokens = jnp.ones((batch_size, seq_len), jnp.int32)
-  if cfg.family == "encoder_only":
-    return {"inputs": tokens, "input_mask": tokens}
-  if cfg.family == "decoder_only":
-    return {"inputs": tokens}
-  return {"enc_inputs": tokens, "enc_mask": tokens,
-          "dec_inputs": jnp.ones((batch_size, target_len or seq_len), jnp.int32)}
+  from gptjax.model import family  # pylint: disable=g-import-not-at-top
+  return family.of(cfg).dummy_inputs(cfg, batch_size, seq_len, target_len)
 
 
 def init_params(cfg: ModelConfig, rng: Array, batch_size: int = 1, seq_len: int = 8,

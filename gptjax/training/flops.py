@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gptjax.model import family as model_family
 from gptjax.model.layers import ModelConfig
 
 
@@ -44,14 +45,15 @@ def train_flops_per_example(cfg: ModelConfig, seq_len: int, target_len: int = 0,
   dot products in each family's jaxpr): attention at full length even where a mask hides keys.
   """
   d, v = cfg.embed_dim, cfg.vocab_size
-  if cfg.family == "encoder_decoder":
+  adapter = model_family.of(cfg)
+  if adapter.cross_attention:
     t = target_len or seq_len
     enc = seq_len * cfg.num_layers * _layer_forward_flops(cfg, seq_len)
     dec = t * (cfg.decoder_layers * _layer_forward_flops(cfg, t, seq_len) + 2 * d * v)
     cross_kv = seq_len * cfg.decoder_layers * _cross_kv_flops(cfg)
     return 3.0 * (enc + dec + cross_kv)
   per_token = cfg.num_layers * _layer_forward_flops(cfg, seq_len)
-  if cfg.family == "decoder_only":
+  if adapter.generates:  # the LM head
     per_token += 2 * d * v
   elif objective in ("mlm", "mlm_nsp") or cfg.mlm_head:
     per_token += 2 * d * d + 2 * d * v

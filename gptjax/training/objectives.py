@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.data import batch_spec
+from gptjax.model import family as model_family
 
 from gptjax.backends.xla_cpu import kernels as cpu_kernels
 from gptjax.backends.xla_cpu.fast_paths import PERF
@@ -120,16 +121,7 @@ def seq2seq(model, params, batch, rng, deterministic) -> Terms:
 
 def classification(model, params, batch, rng, deterministic) -> Terms:
   """Sequence classification through the family's pooled representation."""
-  family = model.cfg.family
-  if family == "encoder_only":
-    out = _encoder(model, params, batch, rng, deterministic)
-  elif family == "decoder_only":
-    out = _apply(model, params, rng, deterministic, inputs=batch["inputs"],
-                 input_mask=batch["input_mask"])
-  else:
-    start = jnp.zeros((batch["inputs"].shape[0], 1), jnp.int32)
-    out = _apply(model, params, rng, deterministic, enc_inputs=batch["inputs"],
-                 enc_mask=batch["input_mask"], dec_inputs=start)
+  out = model_family.of(model).classify(model, params, batch, rng, deterministic)
   logits = out["class_logits"].astype(jnp.float32)
   labels, w = batch["labels"], batch["label_weights"].astype(jnp.float32)
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
@@ -146,15 +138,9 @@ def sequence_logps(model, params, prompt_inputs, prompt_mask, inputs, targets, w
   Decoder-only rows hold prompt + response; encoder-decoder rows hold the response on the decoder
   side and read the prompt through the encoder.
   """
-  if model.cfg.family == "encoder_decoder":
-    out = _apply(model, params, rng, deterministic, enc_inputs=prompt_inputs, enc_mask=prompt_mask,
-                 dec_inputs=inputs)
-  else:
-    out = _apply(model, params, rng, deterministic, inputs=inputs, input_mask=mask)
-  logp_BxLxV = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
-  token_logp = jnp.take_along_axis(logp_BxLxV, targets[..., None], axis=-1)[..., 0]
-  w = weights.astype(jnp.float32)
-  return jnp.sum(token_logp * w, axis=-1), jnp.sum(w, axis=-1)
+  return model_family.sequence_logps(
+      model, params, {"prompt_inputs": prompt_inputs, "prompt_mask": prompt_mask, "inputs": inputs,
+                      "targets": targets, "weights": weights, "mask": mask}, "", rng, deterministic)
 
 
 def pair_logps(model, params, batch, rng, deterministic):

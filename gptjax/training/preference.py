@@ -19,6 +19,7 @@ import numpy as np
 import tqdm
 
 from gptjax.data import jsonl_records
+from gptjax.model import family as model_family
 
 from gptjax.training import objectives
 from gptjax.config_schema import ConfigError
@@ -78,7 +79,7 @@ def response_row(prompt_ids: Sequence[int], response_ids: Sequence[int], family:
 
   `response_ids` include the EOS when the response ended.
   """
-  if family == "encoder_decoder":
+  if model_family.get(family).cross_attention:  # the prompt is in the encoder
     if not response_ids:
       return None
     dec = [start_id] + list(response_ids[:-1])
@@ -98,7 +99,8 @@ def response_row(prompt_ids: Sequence[int], response_ids: Sequence[int], family:
 def prompt_row(prompt_ids: Sequence[int], family: str, L: int, pad_id: int, eos_id: Optional[int]
                ) -> Optional[dict[str, np.ndarray]]:
   """prompt_inputs, prompt_mask: the encoder input (with EOS) or, for decoders, the prompt alone."""
-  ids = list(prompt_ids) + ([eos_id] if family == "encoder_decoder" and eos_id is not None else [])
+  in_encoder = model_family.get(family).cross_attention
+  ids = list(prompt_ids) + ([eos_id] if in_encoder and eos_id is not None else [])
   if not prompt_ids or len(ids) > L:
     return None
   return {"prompt_inputs": _pad(ids, L, pad_id), "prompt_mask": _pad([1] * len(ids), L)}
@@ -268,15 +270,16 @@ def heldout_kl(config, tokenizer, model, policy_params, ref_params, prompts: Seq
   """
   from gptjax.inference import decode  # pylint: disable=g-import-not-at-top
   family, d = config.model.family, config.data
+  in_encoder = model_family.get(family).cross_attention
   L, T = d.seq_len, d.target_len or d.seq_len
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   eos, start = tokenizer.eos_id, start_id_of(tokenizer)
   prompt_ids = [tokenizer.encode(p) for p in prompts]
-  prompt_ids = [p for p in prompt_ids if p and len(p) < (L if family != "encoder_decoder" else L - 1)]
+  prompt_ids = [p for p in prompt_ids if p and len(p) < (L - 1 if in_encoder else L)]
   if not prompt_ids:
     return {}
   longest = max(len(p) for p in prompt_ids)
-  room = T if family == "encoder_decoder" else L - longest
+  room = T if in_encoder else L - longest
   n_new = max(1, min(int(config.generate.max_new_tokens), room))
   settings = decode.DecodeSettings(max_new_tokens=n_new, temperature=1.0)
   outs = decode.generate(model, policy_params, prompt_ids, settings, eos, pad,

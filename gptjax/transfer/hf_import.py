@@ -13,15 +13,16 @@ gptjax's [D, H, Dh] (q/k/v) and [H, Dh, D] (out).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import zlib
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from gptjax.config_schema import ConfigError
+from gptjax.transfer import hf_config
+# model_overrides is read as hf_import.model_overrides by callers
+from gptjax.transfer.hf_config import model_overrides  # noqa: F401
 from gptjax.model.layers import ModelConfig
 
 HEAD_PARAMS = ("pooler", "nsp_head", "classifier", "mlm_transform", "mlm_norm", "mlm_bias", "lm_head")
@@ -31,103 +32,6 @@ _ARCH_FIELDS = ("family", "num_layers", "num_decoder_layers", "position", "posit
                 "norm", "norm_position", "final_norm", "embed_norm", "activation", "use_bias",
                 "scale_attention", "tie_embeddings", "scale_tied_logits", "embed_scale",
                 "relative_max_distance")
-
-
-# ------------------------------------------------------------------- config
-def _read_config(hf_dir: str) -> dict:
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
-    raise ConfigError(f"hf:{hf_dir}: no config.json (expected a Hugging Face checkpoint folder)")
-  with open(path) as f:
-    return json.load(f)
-
-
-def _activation(name: str, where: str) -> str:
-  table = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu",
-           "gelu": "gelu_exact", "relu": "relu"}
-  if name not in table:
-    raise ConfigError(f"{where}: activation {name!r} is not supported (gelu, gelu_new, relu)")
-  return table[name]
-
-
-def _t5_head(hf_dir: str, c: dict) -> tuple[bool, bool]:
-  """(tied, scaled) for T5: v1.0 ties and scales logits by d**-0.5, v1.1 neither.
-
-  transformers>=5 writes `scale_decoder_outputs` and always ties; older versions
-  wrote `tie_word_embeddings=false` and a separate `lm_head.weight`.
-  """
-  scale = c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True) is not False)
-  tie = True
-  st = os.path.join(hf_dir, "model.safetensors")
-  if os.path.isfile(st):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(st, framework="np") as f:
-      keys = set(f.keys())
-      if "lm_head.weight" in keys and "shared.weight" in keys:
-        tie = bool(np.array_equal(f.get_tensor("lm_head.weight"), f.get_tensor("shared.weight")))
-  return tie, scale
-
-
-def model_overrides(hf_dir: str) -> dict:
-  """The `config.model` field values that reproduce the checkpoint in `hf_dir`."""
-  c = _read_config(hf_dir)
-  kind = c.get("model_type", "")
-  where = f"hf:{hf_dir} (model_type={kind!r})"
-  if kind == "gpt2":
-    if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn"):
-      raise ConfigError(f"{where}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn unsupported")
-    d = c["n_embd"]
-    return dict(family="decoder_only", vocab_size=c["vocab_size"], embed_dim=d, num_heads=c["n_head"],
-                mlp_dim=c.get("n_inner") or 4 * d, num_layers=c["n_layer"], max_len=c["n_positions"],
-                position="learned", norm="layernorm", norm_position="pre", final_norm=True,
-                embed_norm=False, norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                activation=_activation(c.get("activation_function", "gelu_new"), where),
-                use_bias=True, scale_attention=True, tie_embeddings=True, init_std=0.02)
-  if kind == "bert":
-    if c.get("position_embedding_type", "absolute") != "absolute":
-      raise ConfigError(f"{where}: position_embedding_type={c['position_embedding_type']!r} "
-                        "unsupported; only 'absolute'")
-    return dict(family="encoder_only", vocab_size=c["vocab_size"], embed_dim=c["hidden_size"],
-                num_heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
-                num_layers=c["num_hidden_layers"], max_len=c["max_position_embeddings"],
-                position="learned", norm="layernorm", norm_position="post", final_norm=False,
-                embed_norm=True, norm_eps=c.get("layer_norm_eps", 1e-12),
-                activation=_activation(c.get("hidden_act", "gelu"), where),
-                type_vocab_size=c.get("type_vocab_size", 2), use_bias=True, scale_attention=True,
-                tie_embeddings=True, init_std=0.02)
-  if kind == "t5":
-    proj = c.get("feed_forward_proj", "relu")
-    acts = {"relu": "relu", "gated-gelu": "gated_gelu", "gated-silu": "swiglu"}
-    if proj not in acts:
-      raise ConfigError(f"{where}: feed_forward_proj={proj!r} unsupported ({', '.join(acts)})")
-    tie, scale = _t5_head(hf_dir, c)
-    return dict(family="encoder_decoder", vocab_size=c["vocab_size"], embed_dim=c["d_model"],
-                num_heads=c["num_heads"], head_dim=c["d_kv"], mlp_dim=c["d_ff"],
-                num_layers=c["num_layers"],
-                num_decoder_layers=c.get("num_decoder_layers") or c["num_layers"], max_len=512,
-                position="relative", relative_buckets=c.get("relative_attention_num_buckets", 32),
-                relative_max_distance=c.get("relative_attention_max_distance", 128),
-                norm="rmsnorm", norm_position="pre", final_norm=True, embed_norm=False,
-                norm_eps=c.get("layer_norm_epsilon", 1e-6), activation=acts[proj], use_bias=False,
-                scale_attention=False, tie_embeddings=tie, scale_tied_logits=tie and scale,
-                init_std=1.0)
-  if kind == "bart":
-    if (c["encoder_attention_heads"] != c["decoder_attention_heads"]
-        or c["encoder_ffn_dim"] != c["decoder_ffn_dim"]):
-      raise ConfigError(f"{where}: encoder and decoder must share head count and ffn size")
-    if c.get("normalize_before") or c.get("add_final_layer_norm"):
-      raise ConfigError(f"{where}: pre-LN (mBART-style) BART is unsupported")
-    d = c["d_model"]
-    return dict(family="encoder_decoder", vocab_size=c["vocab_size"], embed_dim=d,
-                num_heads=c["encoder_attention_heads"], mlp_dim=c["encoder_ffn_dim"],
-                num_layers=c["encoder_layers"], num_decoder_layers=c["decoder_layers"],
-                max_len=c["max_position_embeddings"], position="learned", position_offset=2,
-                norm="layernorm", norm_position="post", final_norm=False, embed_norm=True,
-                norm_eps=1e-5, activation=_activation(c.get("activation_function", "gelu"), where),
-                use_bias=True, scale_attention=True,
-                tie_embeddings=c.get("tie_word_embeddings", True),
-                embed_scale=math.sqrt(d) if c.get("scale_embedding") else 1.0, init_std=0.02)
-  raise ConfigError(f"{where}: unsupported layout; supported model_type: gpt2, bert, t5, bart")
 
 
 # ------------------------------------------------------------------ tensors
@@ -274,7 +178,7 @@ def _t5(t: _Tensors, cfg: ModelConfig) -> dict:
        "decoder": stack("decoder", cfg.decoder_layers, True)}
   if not cfg.tie_embeddings:
     p["lm_head"] = _dense(t, "lm_head", bias=False)
-    if _t5_head(t.dir, _read_config(t.dir))[1]:  # untied yet scaled: fold d**-0.5 into the head
+    if hf_config.t5_head(t.dir, hf_config.read_config(t.dir))[1]:  # untied yet scaled: fold d**-0.5 into the head
       p["lm_head"]["kernel"] = p["lm_head"]["kernel"] * np.float32(cfg.embed_dim ** -0.5)
   return p
 
@@ -321,12 +225,12 @@ def load_hf(hf_dir: str, base: Optional[ModelConfig] = None) -> tuple[ModelConfi
   architecture comes from config.json. Head flags follow the tensors present.
   """
   hf_dir = os.path.expanduser(hf_dir)
-  overrides = model_overrides(hf_dir)
-  kind = _read_config(hf_dir)["model_type"]
+  overrides = hf_config.model_overrides(hf_dir)
+  kind = hf_config.read_config(hf_dir)["model_type"]
   cfg = dataclasses.replace(base or ModelConfig(), **overrides)
   tensors = _Tensors(hf_dir)
   params = _LAYOUTS[kind](tensors, cfg)
-  if cfg.family == "encoder_only":
+  if kind == "bert":  # which heads the checkpoint carries
     cfg = dataclasses.replace(cfg, mlm_head="mlm_transform" in params, nsp_head="nsp_head" in params,
                               num_classes=params["classifier"]["kernel"].shape[1]
                               if "classifier" in params else 0)
@@ -334,26 +238,6 @@ def load_hf(hf_dir: str, base: Optional[ModelConfig] = None) -> tuple[ModelConfi
 
 
 # -------------------------------------------------------------- init_from
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict) or hasattr(tree, "items"):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}/"))
-    return out
-  return {prefix[:-1]: tree}
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
 def _fresh(path: str, shape: tuple[int, ...]) -> np.ndarray:
   """A new head parameter: normal(0.02) kernels/embeddings, ones for norm scales, zeros otherwise."""
   leaf = path.rsplit("/", 1)[-1]
@@ -387,8 +271,9 @@ def load_init_params(init_from: str, cfg: ModelConfig, target_params_shapes) -> 
       raise ConfigError(f"init_from={init_from}: config.model.{field}={ours!r} but the checkpoint "
                         f"has {theirs!r}; use gptjax.transfer.hf_import.model_overrides({hf_dir!r})")
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  target = _flatten(nn.meta.unbox(target_params_shapes))
-  loaded = _flatten(params)
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  target = traverse_util.flatten_dict(nn.meta.unbox(target_params_shapes), sep="/")
+  loaded = traverse_util.flatten_dict(params, sep="/")
   out = {}
   for path, ref in target.items():
     shape = tuple(ref.shape)
@@ -405,4 +290,4 @@ def load_init_params(init_from: str, cfg: ModelConfig, target_params_shapes) -> 
       raise ConfigError(f"init_from={init_from}: shape mismatch for {path!r}: checkpoint "
                         f"{tuple(loaded[path].shape)} vs config {shape}")
     out[path] = loaded[path]
-  return _unflatten(out)
+  return traverse_util.unflatten_dict(out, sep="/")

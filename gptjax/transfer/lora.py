@@ -14,6 +14,7 @@ import contextlib
 from typing import Optional
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -24,24 +25,8 @@ MLP = ("wi", "wi_0", "wi_1", "wo")
 STACKS = ("encoder", "decoder")
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-  if isinstance(tree, dict) or hasattr(tree, "items"):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}/"))
-    return out
-  return {prefix[:-1]: tree}
-
-
-def _unflatten(flat: dict) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
+def _flatten(tree) -> dict:
+  return traverse_util.flatten_dict(nn.meta.unbox(tree), sep="/")
 
 
 def target_modules(targets: str) -> tuple[str, ...]:
@@ -72,7 +57,7 @@ def lora_paths(params, targets: str) -> list[str]:
   names = target_modules(targets)
   if not names:
     raise ConfigError(f"config.finetune.lora_targets={targets!r} names no layer")
-  flat = _flatten(nn.meta.unbox(params))
+  flat = _flatten(params)
   paths = [p for p in flat if p.split("/")[0] in STACKS and p.endswith("/kernel")
            and p.split("/")[-2] in names]
   found = {p.split("/")[-2] for p in paths}
@@ -89,7 +74,7 @@ def init_lora(params, targets: str, rank: int, rng: jax.Array, std: float = 0.02
   """A LoRA tree for `targets`: A ~ N(0, std), B = 0, so the adapted model starts equal to the base."""
   if rank < 1:
     raise ConfigError(f"config.finetune.lora_rank={rank} must be at least 1")
-  flat = _flatten(nn.meta.unbox(params))
+  flat = _flatten(params)
   out = {}
   for i, path in enumerate(lora_paths(params, targets)):
     shape = flat[path].shape
@@ -121,7 +106,7 @@ def merge(params, lora_tree: dict, alpha: float, rank: int, dropout_rate: float 
   With `dropout_rate` and `rng`, LoRA dropout drops input features of the
   low-rank branch (rows of A) for this step; leave them out for eval and export.
   """
-  flat = _flatten(nn.meta.unbox(params))
+  flat = _flatten(params)
   for i, (path, ab) in enumerate(sorted(lora_tree.items())):
     if path not in flat:
       raise ConfigError(f"LoRA tree names {path!r}, which is not a parameter of this model")
@@ -129,7 +114,7 @@ def merge(params, lora_tree: dict, alpha: float, rank: int, dropout_rate: float 
       ab = {"a": _dropout_rows(ab["a"], dropout_rate, jax.random.fold_in(rng, i)), "b": ab["b"]}
     w = flat[path]
     flat[path] = (w + delta(w.shape, path, ab, alpha, rank)).astype(w.dtype)
-  return _unflatten(flat)
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 @contextlib.contextmanager
@@ -156,7 +141,3 @@ def unmerged_lora(lora_tree: dict, alpha: float, rank: int):
   with nn.intercept_methods(interceptor):
     yield
 
-
-def num_params(lora_tree: dict) -> int:
-  """Number of trainable LoRA parameters."""
-  return sum(int(x.size) for x in jax.tree.leaves(lora_tree))
