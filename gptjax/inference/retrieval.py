@@ -174,11 +174,6 @@ def load_index(directory: str, *, corpus_fingerprint: Optional[str] = None,
   return RetrievalIndex(directory, meta)
 
 
-def check_corpus(index: "RetrievalIndex", passages: Sequence[dict]) -> None:
-  """One line with the rebuild command when `passages` are not what the index was built from."""
-  load_index(index.directory, corpus_fingerprint=text_fingerprint([p["text"] for p in passages]))
-
-
 def _ngrams(text: str, n: int = EXCLUDE_NGRAM) -> set:
   w = text.split()
   return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}

@@ -98,8 +98,7 @@ class FamilyAdapter:
                       rng=None, deterministic=True) -> Array:
     """BxLxV logits of scored rows: prompt and continuation in `inputs`, or the prompt in the
     encoder and the continuation on the decoder side (`cross_attention`)."""
-    raise ConfigError(f"config.model.family={self.name!r} has no language-model head to score "
-                      "sequences with; use a decoder_only or encoder_decoder model")
+    self.check_generates("score sequences (no language-model head)")
 
   def check_generates(self, what: str = "generate text") -> None:
     """One-line ConfigError when this family cannot decode."""
