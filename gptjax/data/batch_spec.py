@@ -29,6 +29,8 @@ classification   inputs, input_mask, token_type_ids, labels [B], label_weights [
                  (encoder-decoder models read the same keys through the encoder)
 """
 
+from gptjax.config_error import ConfigError
+
 TOKEN_KEYS = {
     "next_token": ("inputs", "targets", "weights", "segment_ids", "positions"),
     "prefix_lm": ("inputs", "targets", "weights", "prefix_mask", "input_mask"),
@@ -56,7 +58,6 @@ FAMILY_OBJECTIVES = {
 
 def check_family_objective(family: str, objective: str) -> None:
   """Raises ConfigError in one line when `family` cannot train `objective`."""
-  from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top
   if objective not in TOKEN_KEYS:
     raise ConfigError(f"config.objective={objective!r} is unknown; allowed: {', '.join(TOKEN_KEYS)}")
   if objective not in FAMILY_OBJECTIVES[family]:

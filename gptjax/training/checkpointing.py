@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gptjax import config_schema
 from gptjax.config_schema import ConfigError
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -222,8 +223,7 @@ def restore_for_inference(workdir: str):
     raise FileNotFoundError(f"no readable checkpoint in {workdir}")
   config = config_from_meta(meta)
   cfg = ModelConfig.from_config(config.model)
-  target_len = config.data.target_len if cfg.family == "encoder_decoder" else 0
-  abstract, _ = finetune_state.abstract_state(config, cfg, 8, target_len or 8)
+  abstract, _ = finetune_state.abstract_state(config, cfg, 8, config_schema.target_len(config))
   restored = None
   for s in reversed([s for s in steps if s <= meta["step"]]):
     restored = ckpt.restore(abstract, step=s)
@@ -236,15 +236,3 @@ def restore_for_inference(workdir: str):
   tokenizer = tokenization.tokenizer_from_json(meta["tokenizer"]) if meta.get("tokenizer") else \
       tokenization.load_or_train_tokenizer(config, workdir)
   return config, result, tokenizer
-
-
-def check_same_shapes(expected: Any, given: Any, source: str) -> None:
-  """One line naming the first parameter whose shape differs between two trees."""
-  exp = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(given)[0]}
-  for name, shape in exp.items():
-    if name not in got:
-      raise ConfigError(f"{source} has no parameter {name}; its architecture differs from config.model")
-    if tuple(got[name]) != tuple(shape):
-      raise ConfigError(f"{source}: parameter {name} has shape {tuple(got[name])}, config.model "
-                        f"needs {tuple(shape)}; make the model config match the checkpoint")

@@ -28,10 +28,12 @@ SAFE_PREFIXES = (
     "train.learning_rate", "train.warmup_steps", "train.schedule", "train.decay_steps",
     "train.min_lr_ratio", "train.grad_clip", "train.weight_decay",
     # where files are, not what they hold (the data fingerprint guards their content)
-    "data.raw_dir", "data.tfds_data_dir", "data.num_workers", "data.eval_batch_size",
+    "data.raw_dir", "data.tfds_data_dir", "data.eval_batch_size",
     # how a layer is computed, not what it computes
     "model.remat", "model.attention_impl",
 )
+# Fields older checkpoints saved that no longer exist (they never changed what a run computed).
+REMOVED_FIELDS = ("data.pack", "data.num_workers")
 SCHEDULE_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.schedule",
                    "train.decay_steps", "train.min_lr_ratio")
 
@@ -58,6 +60,9 @@ def _is_safe(field: str) -> bool:
 def config_changes(saved: Any, requested: Any) -> tuple[dict, dict]:
   """(unsafe, safe): {field: [saved value, requested value]} for every field that differs."""
   a, b = flatten(saved), flatten(requested)
+  for field in REMOVED_FIELDS:
+    if field not in b:
+      a.pop(field, None)
   unsafe, safe = {}, {}
   for field in sorted(set(a) | set(b)):
     old, new = a.get(field, "<absent>"), b.get(field, "<absent>")
