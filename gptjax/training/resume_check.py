@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Optional
 
+from flax import traverse_util
+
 from gptjax.training import checkpointing
 
 from gptjax.training import run_records
@@ -38,19 +40,14 @@ SCHEDULE_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.schedule"
                    "train.decay_steps", "train.min_lr_ratio")
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any) -> dict[str, Any]:
   """{'model.num_layers': 2, ...} of a config given as ConfigDict, dict or JSON text."""
   if isinstance(tree, str):
     tree = json.loads(tree)
   elif hasattr(tree, "to_json_best_effort"):
     tree = json.loads(tree.to_json_best_effort())
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-  return out
+  return {k: list(v) if isinstance(v, tuple) else v
+          for k, v in traverse_util.flatten_dict(tree, sep=".").items()}
 
 
 def _is_safe(field: str) -> bool:
