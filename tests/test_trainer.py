@@ -92,3 +92,14 @@ def test_peak_is_nominal_on_a_known_accelerator_and_measured_elsewhere():
 def test_measured_cpu_peak_is_a_real_matmul_rate():
   rate = peak_flops.measure_matmul_rate("float32", n=256, repeats=2)
   assert 1e6 < rate < 1e15
+
+
+def test_checkpoints_with_removed_config_fields_still_resume():
+  from gptjax import config_schema  # pylint: disable=import-outside-toplevel
+  from gptjax.training import resume_check  # pylint: disable=import-outside-toplevel
+  saved = json.loads(config_schema.base_config().to_json_best_effort())
+  saved["data"].update(pack=True, num_workers=4)  # fields an older gptjax wrote
+  assert resume_check.config_changes(json.dumps(saved), config_schema.base_config()) == ({}, {})
+  saved["data"]["seq_len"] = 7
+  unsafe, _ = resume_check.config_changes(json.dumps(saved), config_schema.base_config())
+  assert list(unsafe) == ["data.seq_len"]
