@@ -13,6 +13,9 @@ import os
 
 import ml_collections
 
+from gptjax.config_error import ConfigError  # pylint: disable=unused-import (re-exported)
+from gptjax.data import batch_spec
+
 FAMILIES = ("encoder_only", "decoder_only", "encoder_decoder")
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -31,10 +34,6 @@ def cache_dir() -> str:
   """
   path = os.environ.get("GPTJAX_CACHE") or os.environ.get("GPTJAX_CACHE_DIR") or "~/.cache/gptjax"
   return os.path.expanduser(path)
-
-
-class ConfigError(ValueError):
-  """A config asks for something impossible; the message is one line."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -96,10 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.tfds_data_dir = ""  # where TFDS builds/reads array_record files
   d.text_files = ""  # glob of the user's own .txt/.jsonl for corpus=text_files
   d.seq_len = 128
-  d.target_len = 0  # encoder-decoder targets; 0 derives it from the objective
+  d.target_len = 0  # encoder-decoder targets; 0: seq_len (read it through target_len(config))
   d.batch_size = 16  # global batch, split over all devices and hosts
   d.eval_batch_size = 16
-  d.pack = True
   d.mlm_probability = 0.15
   d.whole_word_mask = False
   d.noise_density = 0.15
@@ -108,7 +106,6 @@ def base_config() -> ml_collections.ConfigDict:
   d.permute_sentences = False
   d.sop = False
   d.seed = 0
-  d.num_workers = 0
   d.max_docs = 0  # 0: all; else only the first max_docs documents of every split (tests, smoke runs)
   t = d.tokenizer = ml_collections.ConfigDict()
   t.kind = "bpe"  # bpe | wordpiece | wordpiece_cased | unigram
@@ -201,6 +198,14 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def target_len(config) -> int:
+  """The decoder length of encoder-decoder batches (data.target_len, 0 meaning data.seq_len);
+  0 for the other families, whose batches have no decoder side."""
+  if config.model.family != "encoder_decoder":
+    return 0
+  return int(config.data.target_len or config.data.seq_len)
+
+
 def _one_of(path: str, value, allowed) -> None:
   if value not in allowed:
     raise ConfigError(f"{path}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}")
@@ -270,7 +275,7 @@ def validate_numbers(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.train.{name}={tr[name]} must be in [0, 1]")
   for name in ("batch_size", "eval_batch_size", "seq_len"):
     _at_least(f"config.data.{name}", d[name], 1)
-  for name in ("max_docs", "target_len", "num_workers"):
+  for name in ("max_docs", "target_len"):
     _at_least(f"config.data.{name}", d[name], 0)
   if c.quantize not in QUANTIZE_KINDS:
     raise ConfigError(f"config.quantize={c.quantize!r} is not supported; allowed: "
@@ -279,7 +284,6 @@ def validate_numbers(c: ml_collections.ConfigDict) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """All start-up checks that need only the config."""
-  from gptjax.data import batch_spec  # pylint: disable=g-import-not-at-top
   validate_model(c.model)
   _one_of("config.train.schedule", c.train.schedule, ("cosine", "linear", "constant"))
   _one_of("config.parallelism.mode", c.parallelism.mode, ("mesh", "pmap"))

@@ -51,7 +51,11 @@ def test_cli_writes_metrics_and_a_loadable_checkpoint(tmp_path):
   assert sorted(losses)[-1] == 20
   assert losses[20] < losses[min(losses)]
   records = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
-  assert all("tokens_per_sec" in r for r in records if "loss" in r and "eval_loss" not in r)
+  train_records = [r for r in records if "loss" in r and "eval_loss" not in r]
+  assert all("tokens_per_sec" in r for r in train_records)
+  # on CPU, MFU is against a matmul peak measured in this run, and each record says so
+  assert all(r["peak_source"] == "measured" and r["peak_flops"] > 0 and 0 < r["mfu"]
+             for r in train_records)
   manifest = json.load(open(tmp_path / "w" / "manifest.json"))
   for key in ("config", "git_commit", "versions", "devices", "data_fingerprint",
               "tokenizer_fingerprint"):

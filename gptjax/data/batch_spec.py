@@ -29,6 +29,8 @@ classification   inputs, input_mask, token_type_ids, labels [B], label_weights [
                  (encoder-decoder models read the same keys through the encoder)
 """
 
+from gptjax.config_error import ConfigError
+
 TOKEN_KEYS = {
     "next_token": ("inputs", "targets", "weights", "segment_ids", "positions"),
     "prefix_lm": ("inputs", "targets", "weights", "prefix_mask", "input_mask"),
@@ -52,7 +54,6 @@ def check_family_objective(family: str, objective: str) -> None:
 
   Each family's objectives are declared by its adapter (gptjax/model/family.py).
   """
-  from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top
   from gptjax.model import family as model_family  # pylint: disable=g-import-not-at-top
   if objective not in TOKEN_KEYS:
     raise ConfigError(f"config.objective={objective!r} is unknown; allowed: {', '.join(TOKEN_KEYS)}")

@@ -18,7 +18,6 @@ majority-class baseline of the evaluated examples.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Sequence
 
 import jax
@@ -169,7 +168,7 @@ def main(config, workdir: str, flag_values) -> None:
     raise ConfigError(f"--icl_examples={n} must be at least 1")
   if not workdir:
     raise ConfigError("--mode=icl needs --workdir=DIR with a trained checkpoint")
-  raw_dir = config.data.raw_dir or os.environ.get("GPTJAX_RAW_DIR", "")
+  raw_dir = config.data.raw_dir  # corpora.raw_data_dir resolves "" (env, then shared/data)
   dev, train = read_sst2("dev", raw_dir), read_sst2("train", raw_dir)
   examples = [dev[i] for i in np.random.default_rng(config.seed).permutation(len(dev))[:n]]
   ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)

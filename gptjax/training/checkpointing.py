@@ -235,15 +235,3 @@ def restore_for_inference(workdir: str):
   tokenizer = tokenization.tokenizer_from_json(meta["tokenizer"]) if meta.get("tokenizer") else \
       tokenization.load_or_train_tokenizer(config, workdir)
   return config, result, tokenizer
-
-
-def check_same_shapes(expected: Any, given: Any, source: str) -> None:
-  """One line naming the first parameter whose shape differs between two trees."""
-  exp = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(given)[0]}
-  for name, shape in exp.items():
-    if name not in got:
-      raise ConfigError(f"{source} has no parameter {name}; its architecture differs from config.model")
-    if tuple(got[name]) != tuple(shape):
-      raise ConfigError(f"{source}: parameter {name} has shape {tuple(got[name])}, config.model "
-                        f"needs {tuple(shape)}; make the model config match the checkpoint")

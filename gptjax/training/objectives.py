@@ -9,6 +9,7 @@ the same loss and the same gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -210,6 +211,43 @@ OBJECTIVES: dict[str, Callable[..., Terms]] = {
     "dpo": dpo,
 }
 assert set(OBJECTIVES) == set(batch_spec.TOKEN_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+  """What the train loop reports for an objective, so it never compares objective names.
+
+  token_terms: terms whose counts are tokens that carried loss (summed into `loss_tokens`).
+  sequences_per_row: forward sequences per batch row (FLOPs and tokens/s count each).
+  unigram_baseline: the train split's token entropy is a meaningful floor to print and record.
+  preference: trains against a frozen reference (prepared before the loop, KL reported at eval).
+  """
+  token_terms: tuple[str, ...] = ()
+  sequences_per_row: int = 1
+  unigram_baseline: bool = False
+  preference: bool = False
+
+
+_LM = ObjectiveSpec(token_terms=("lm_loss",))
+SPECS: dict[str, ObjectiveSpec] = {
+    "next_token": ObjectiveSpec(token_terms=("lm_loss",), unigram_baseline=True),
+    "prefix_lm": _LM,
+    "instruction": _LM,
+    "mlm": ObjectiveSpec(token_terms=("mlm_loss",)),
+    "nsp": ObjectiveSpec(),
+    "sop": ObjectiveSpec(),
+    "mlm_nsp": ObjectiveSpec(token_terms=("mlm_loss",)),
+    "span_corruption": ObjectiveSpec(token_terms=("span_loss",)),
+    "denoise": ObjectiveSpec(token_terms=("span_loss",)),
+    "classification": ObjectiveSpec(),
+    "dpo": ObjectiveSpec(sequences_per_row=2, preference=True),  # counts pairs, not tokens
+}
+assert set(SPECS) == set(OBJECTIVES)
+
+
+def spec_of(config) -> ObjectiveSpec:
+  """The ObjectiveSpec of `config.objective`."""
+  return SPECS[config.objective]
 
 
 def for_config(config):

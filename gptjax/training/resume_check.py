@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Optional
 
+from flax import traverse_util
+
 from gptjax.training import checkpointing
 
 from gptjax.training import run_records
@@ -28,27 +30,24 @@ SAFE_PREFIXES = (
     "train.learning_rate", "train.warmup_steps", "train.schedule", "train.decay_steps",
     "train.min_lr_ratio", "train.grad_clip", "train.weight_decay",
     # where files are, not what they hold (the data fingerprint guards their content)
-    "data.raw_dir", "data.tfds_data_dir", "data.num_workers", "data.eval_batch_size",
+    "data.raw_dir", "data.tfds_data_dir", "data.eval_batch_size",
     # how a layer is computed, not what it computes
     "model.remat", "model.attention_impl",
 )
+# Fields older checkpoints saved that no longer exist (they never changed what a run computed).
+REMOVED_FIELDS = ("data.pack", "data.num_workers")
 SCHEDULE_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.schedule",
                    "train.decay_steps", "train.min_lr_ratio")
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any) -> dict[str, Any]:
   """{'model.num_layers': 2, ...} of a config given as ConfigDict, dict or JSON text."""
   if isinstance(tree, str):
     tree = json.loads(tree)
   elif hasattr(tree, "to_json_best_effort"):
     tree = json.loads(tree.to_json_best_effort())
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-  return out
+  return {k: list(v) if isinstance(v, tuple) else v
+          for k, v in traverse_util.flatten_dict(tree, sep=".").items()}
 
 
 def _is_safe(field: str) -> bool:
@@ -58,6 +57,9 @@ def _is_safe(field: str) -> bool:
 def config_changes(saved: Any, requested: Any) -> tuple[dict, dict]:
   """(unsafe, safe): {field: [saved value, requested value]} for every field that differs."""
   a, b = flatten(saved), flatten(requested)
+  for field in REMOVED_FIELDS:
+    if field not in b:
+      a.pop(field, None)
   unsafe, safe = {}, {}
   for field in sorted(set(a) | set(b)):
     old, new = a.get(field, "<absent>"), b.get(field, "<absent>")

@@ -53,8 +53,7 @@ def mesh_shape(parallelism, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(parallelism) -> Mesh:
   """A Mesh over all devices with axes (data, fsdp, tensor)."""
   shape = mesh_shape(parallelism, jax.device_count())
-  devices = np.asarray(jax.devices()).reshape(shape)
-  return Mesh(devices, MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
 def rules(parallelism) -> tuple:

@@ -1,93 +1,34 @@
-"""The train loop: `run.py --mode=train` (and `--mode=eval`)."""
+"""Setting up a training run (state, resume, manifest) and the `run.py --mode=train` / `--mode=eval` entry points; the loop itself is gptjax/training/trainer.py."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import signal
 import sys
-import time
-from typing import Any, Optional
+from typing import Any
 
-import flax.jax_utils
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from gptjax.model import models
-from gptjax.training import (checkpointing, flops, objectives, resume_check, run_records, sharding,
-                             train_step, workdir_guard)
-from gptjax.transfer import trainable as finetune_state
+from gptjax import config_schema
 from gptjax.config_schema import ConfigError
+from gptjax.model import models
 from gptjax.model.layers import ModelConfig
+from gptjax.training import (checkpointing, objectives, resume_check, run_records, sharding,
+                             train_step, trainer, workdir_guard)
+from gptjax.training.trainer import NonFiniteLoss, evaluate_params  # pylint: disable=unused-import
+from gptjax.transfer import trainable as finetune_state
 
 
-class NonFiniteLoss(RuntimeError):
-  """The loss became NaN or Inf."""
-
-
-class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.received: Optional[str] = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
-def _target_len(config) -> int:
-  return (config.data.target_len or config.data.seq_len) \
-      if config.model.family == "encoder_decoder" else 0
-
-
-def _iterator_state_to_json(it) -> str:
-  state = it.get_state()
-  return state.decode() if isinstance(state, bytes) else json.dumps(state)
-
-
-def _iterator_state_from_json(it, text: str) -> None:
-  current = it.get_state()
-  it.set_state(text.encode() if isinstance(current, bytes) else json.loads(text))
-
-
-def _fetch(metrics) -> dict[str, Any]:
-  """Device metrics -> host floats (the one host sync per logged step)."""
-  metrics = jax.device_get(metrics)
-  if isinstance(metrics["loss"], np.ndarray) and metrics["loss"].ndim == 1:  # pmap: take replica 0
-    metrics = jax.tree.map(lambda x: x[0], metrics)
-  out = objectives.finalize(metrics["terms"])
-  out["loss_tokens"] = float(sum(c for name, (_, c) in metrics["terms"].items()
-                                 if name.endswith("_loss") and name != "nsp_loss"
-                                 and name != "sop_loss" and name != "class_loss"))
-  out["loss"] = float(metrics["loss"])
-  out["grad_norm"] = float(metrics["grad_norm"])
-  return out
-
-
-def _load_init_params(config, cfg: ModelConfig, abstract_params) -> Any:
+def _load_init_params(config, cfg: ModelConfig) -> Any:
   """Parameters named by `config.init_from`: a gptjax workdir or `hf:DIR`."""
-  source = config.init_from
+  source, seq_len, target_len = config.init_from, config.data.seq_len, config_schema.target_len(config)
   if source.startswith("hf:"):
     from gptjax.transfer import hf_import  # pylint: disable=g-import-not-at-top
+    abstract_params = jax.eval_shape(lambda: nn.meta.unbox(
+        models.init_params(cfg, jax.random.key(0), 1, seq_len, target_len)))
     return hf_import.load_init_params(source, cfg, abstract_params)
   if not os.path.isdir(checkpointing.checkpoint_dir(source)):
     raise ConfigError(f"config.init_from={source!r} has no checkpoints/ folder; give a gptjax "
@@ -95,8 +36,7 @@ def _load_init_params(config, cfg: ModelConfig, abstract_params) -> Any:
   _, params, _ = checkpointing.restore_for_inference(source)
   params = jax.device_get(params)
   fresh = jax.device_get(jax.jit(lambda: nn.meta.unbox(models.init_params(
-      cfg, jax.random.key(config.seed), 1, config.data.seq_len, _target_len(config))))())
-  del abstract_params
+      cfg, jax.random.key(config.seed), 1, seq_len, target_len)))())
   return _graft(fresh, params, source)
 
 
@@ -154,7 +94,7 @@ def setup(config, workdir: str, tokenizer=None):
 
 def initial_state(config, cfg: ModelConfig, mesh, given_params=None):
   """(state, state shardings, optimizer, model for the losses) before any checkpoint is restored."""
-  seq_len, target_len = config.data.seq_len, _target_len(config)
+  seq_len, target_len = config.data.seq_len, config_schema.target_len(config)
   model = models.make_model(cfg)
   abstract, tx = finetune_state.abstract_state(config, cfg, seq_len, target_len)
   if not finetune_state.uses_lora(config):
@@ -172,7 +112,7 @@ def initial_state(config, cfg: ModelConfig, mesh, given_params=None):
                                  opt_state=tx.init(params))
 
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed), given_params)
-  return state, shardings, tx, finetune_state.LoraModel(model, config)
+  return state, shardings, tx, model
 
 
 # ============================================================================ train
@@ -187,199 +127,67 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   workdir_guard.prepare_workdir(workdir)
   with (workdir_guard.WorkdirLock(workdir) if jax.process_index() == 0
         else contextlib.nullcontext()):
-    return _train_locked(config, workdir)
+    return trainer.Trainer(build_run(config, workdir)).run()
 
 
-def _train_locked(config, workdir: str) -> dict[str, float]:
-  """train_and_evaluate once the workdir is this run's alone."""
+def build_run(config, workdir: str) -> trainer.Run:
+  """Checks the resume, builds or restores the state and writes the manifest (workdir locked)."""
   ckpt = checkpointing.Checkpointer(workdir, config.train.keep, config.train.best_metric)
   meta, safe_changes = resume_check.resume_plan(config, workdir, ckpt)
   from gptjax.data import tokenization  # pylint: disable=g-import-not-at-top
   resumed_tokenizer = tokenization.tokenizer_from_json(meta["tokenizer"]) \
       if meta and meta.get("tokenizer") else None
   cfg, mesh, tokenizer, input_pipeline = setup(config, workdir, resumed_tokenizer)
-  pmap = config.parallelism.mode == "pmap"
-  is_main = jax.process_index() == 0
-  seq_len, target_len = config.data.seq_len, _target_len(config)
-
-  # ---------------------------------------------------------------- state
   had_checkpoints = bool(ckpt.steps())
   given_params = None
-  if not ckpt.steps() and config.init_from:
-    abstract_params = jax.eval_shape(lambda: nn.meta.unbox(
-        models.init_params(cfg, jax.random.key(0), 1, seq_len, target_len)))
-    given_params = _load_init_params(config, cfg, abstract_params)
+  if not had_checkpoints and config.init_from:
+    given_params = _load_init_params(config, cfg)
   state, state_shardings, tx, model = initial_state(config, cfg, mesh, given_params)
-  objective = objectives.for_config(config)
-  dpo_reference, dpo_info = None, {}
-  if config.objective == "dpo":
-    from gptjax.training import preference  # pylint: disable=g-import-not-at-top
-    dpo_reference, dpo_info = preference.prepare_reference(
-        config, models.make_model(cfg), tokenizer, is_main,
-        lambda: given_params if given_params is not None else _load_init_params(config, cfg, None))
+  reference, reference_info = _preference_reference(config, cfg, tokenizer, given_params)
   train_iter = input_pipeline.make_train_iterator(config, tokenizer)
   start_step = 0
-  if ckpt.steps():
-    restored = ckpt.restore(state)
-    if restored is not None:
-      start_step, state, meta = restored
-      _iterator_state_from_json(train_iter, meta["data_state"])
-  if is_main:
+  restored = ckpt.restore(state) if had_checkpoints else None
+  if restored is not None:
+    start_step, state, meta = restored
+    trainer.iterator_state_from_json(train_iter, meta["data_state"])
+  run = trainer.Run(config=config, workdir=workdir, cfg=cfg, mesh=mesh, tokenizer=tokenizer,
+                    input_pipeline=input_pipeline, ckpt=ckpt, state=state,
+                    state_shardings=state_shardings, tx=tx, model=model, train_iter=train_iter,
+                    start_step=start_step, data_fingerprint=input_pipeline.data_fingerprint(config),
+                    preference_reference=reference)
+  if jax.process_index() == 0:
     resume_check.print_resume(workdir, ckpt, start_step, had_checkpoints, safe_changes)
-  data_fp = input_pipeline.data_fingerprint(config)
-  unigram = input_pipeline.unigram_loss(config, tokenizer) if config.objective == "next_token" \
-      else None
-  if is_main:
-    if cfg.remat != "none" and jax.default_backend() == "cpu":
-      print(f"note: config.model.remat={cfg.remat} recomputes each layer but saves no memory on "
-            "XLA:CPU, whose scheduler runs the recomputation early (experiments/PERFORMANCE.md): "
-            "expect a slower step and the same peak memory", flush=True)
-    if unigram is not None:
-      print(f"unigram baseline: loss {unigram:.3f} (the train split's token entropy, nats); "
-            "a model that learned anything beyond token frequencies goes below it", flush=True)
-    run_records.write_manifest(workdir, config, {
-        "unigram_baseline_loss": unigram,
-        "tokenizer_fingerprint": tokenizer.fingerprint, "data_fingerprint": data_fp,
-        "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
-        "resumed_from_step": start_step, **dpo_info}, changes=safe_changes)
+    _announce(run, reference_info, safe_changes)
+  return run
 
-  if pmap:
-    state = flax.jax_utils.replicate(jax.device_get(state))
-    step_fn = train_step.make_pmap_train_step(model, objective, tx, config.seed,
-                                              config.train.grad_accum)
-    to_device = lambda b: train_step.shard_for_pmap(b)
-  else:
-    step_fn = train_step.make_mesh_train_step(model, objective, tx, config.seed,
-                                              config.train.grad_accum, mesh, state_shardings)
-    to_device = lambda b: sharding.global_batch(b, mesh)
-  eval_step = train_step.make_eval_step(model, objective)
-  eval_batches = None
 
-  def host_state():
-    return flax.jax_utils.unreplicate(state) if pmap else state
+def _preference_reference(config, cfg: ModelConfig, tokenizer, given_params):
+  """(frozen reference params or None, manifest fields) for a preference objective."""
+  if not objectives.spec_of(config).preference:
+    return None, {}
+  from gptjax.training import preference  # pylint: disable=g-import-not-at-top
+  return preference.prepare_reference(
+      config, models.make_model(cfg), tokenizer, jax.process_index() == 0,
+      lambda: given_params if given_params is not None else _load_init_params(config, cfg))
 
-  def evaluate() -> dict[str, float]:
-    nonlocal eval_batches
-    if eval_batches is None:
-      eval_batches = input_pipeline.make_eval_batches(config, tokenizer, "validation",
-                                                      max_batches=config.train.eval_steps)
-    params = host_state().params
-    total = None
-    for b in eval_batches:
-      terms = eval_step(params, b if pmap else sharding.global_batch(b, mesh))
-      total = terms if total is None else jax.tree.map(jnp.add, total, terms)
-    out = {f"eval_{k}": v for k, v in objectives.finalize(jax.device_get(total)).items()}
-    if config.objective == "dpo" and config.dpo.kl_prompts > 0:
-      from gptjax.training import preference  # pylint: disable=g-import-not-at-top
-      ref = dpo_reference if dpo_reference is not None else params["base"]
-      kl = preference.heldout_kl(config, tokenizer, models.make_model(cfg),
-                                 finetune_state.merged_params(config, params), ref,
-                                 preference.heldout_prompts(config, config.dpo.kl_prompts),
-                                 seed=config.generate.seed)
-      out.update({f"eval_{k}": v for k, v in kl.items()})
-    return out
 
-  def save(step: int, metrics: Optional[dict] = None, force: bool = False):
-    meta = {"config": config.to_json_best_effort(), "data_state": _iterator_state_to_json(train_iter),
-            "tokenizer": tokenizer.to_json(), "step": step, "metrics": metrics or {},
-            "data_fingerprint": data_fp}
-    ckpt.save(step, host_state(), meta, metrics=metrics, force=force)
-
-  # ---------------------------------------------------------------- loop
-  writer = run_records.MetricsWriter(workdir, start_step, enabled=is_main)
-  sequences = config.data.batch_size * (2 if config.objective == "dpo" else 1)  # dpo: both responses
-  flops_per_step = flops.train_flops_per_example(cfg, seq_len, target_len, config.objective) \
-      * sequences
-  tokens_per_step = sequences * (seq_len + target_len)
-  peak = flops.measure_matmul_peak(jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
-                                   n=2048, repeats=3)
-  steps = config.train.steps
-  bar = tqdm.tqdm(total=steps, initial=start_step, disable=not (is_main and config.train.progress),
-                  dynamic_ncols=True, desc=f"{config.name}:{config.variant}", file=sys.stdout)
-  pending = None  # (step, device metrics) fetched one step late
-  last_time, last_step = time.perf_counter(), start_step
-  last_good_ckpt = ckpt.steps()[-1] if ckpt.steps() else None
-  final_metrics: dict[str, float] = {}
-  seen = {"loss_tokens": 0.0}
-
-  schedule = train_step.learning_rate_schedule(config.train)
-
-  def drain(pending_item) -> dict[str, float]:
-    """Fetches one step's metrics (already computed: one step late) and checks the loss."""
-    step_done, device_metrics = pending_item
-    m = _fetch(device_metrics)
-    if not math.isfinite(m["loss"]):
-      kept = f"the last good checkpoint (step {last_good_ckpt}) is intact" \
-          if last_good_ckpt is not None else "no checkpoint had been saved yet"
-      raise NonFiniteLoss(f"loss is {m['loss']} at step {step_done}; the run stopped and {kept}: "
-                          "lower config.train.learning_rate or check the data")
-    seen["loss_tokens"] += m["loss_tokens"]
-    return m
-
-  def log(step_done: int, m: dict) -> None:
-    """Adds speed over the steps since the last log, writes the record, updates the bar."""
-    nonlocal last_time, last_step
-    now = time.perf_counter()
-    rate_steps = (step_done - last_step) / max(now - last_time, 1e-9)
-    last_time, last_step = now, step_done
-    m["tokens_per_sec"] = rate_steps * tokens_per_step
-    m["mfu"] = rate_steps * flops_per_step / (peak * jax.device_count())
-    m["learning_rate"] = float(schedule(step_done - 1))
-    writer.write(step_done, m)
-    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}",
-                    mfu=f"{100 * m['mfu']:.0f}%", refresh=False)
-    final_metrics.update(m)
-
-  mesh_context = contextlib.nullcontext() if pmap else jax.set_mesh(mesh)
-  with _StopSignal() as stop, mesh_context:
-    try:
-      for step in range(start_step + 1, steps + 1):
-        batch = to_device(next(train_iter))
-        state, metrics = step_fn(state, batch)
-        log_now = step % config.train.log_every == 0 or step == steps
-        if pending is not None:
-          m = drain(pending)
-          pending = None
-          if pending_log:
-            log(pending_step, m)
-        pending, pending_log, pending_step = (step, metrics), log_now, step
-        bar.update(1)
-        eval_now = config.train.eval_every and (step % config.train.eval_every == 0 or step == steps)
-        ckpt_now = step % config.train.ckpt_every == 0 or step == steps or stop.received
-        if eval_now or ckpt_now:
-          m = drain(pending)
-          if pending_log:
-            log(step, m)
-          pending = None
-          eval_metrics = evaluate() if eval_now else None
-          if eval_metrics:
-            writer.write(step, eval_metrics)
-            final_metrics.update(eval_metrics)
-            bar.write(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-          save(step, eval_metrics, force=True)
-          last_good_ckpt = step
-          last_time = time.perf_counter()  # eval and saving are not training speed
-        if stop.received:
-          ckpt.wait()
-          bar.write(f"received {stop.received}: saved checkpoint at step {step}; rerun the same "
-                    "command to continue")
-          break
-      if pending is not None:
-        m = drain(pending)
-        if pending_log:
-          log(pending_step, m)
-    except NonFiniteLoss:
-      ckpt.wait()
-      raise
-    finally:
-      bar.close()
-      ckpt.close()
-      writer.close()
-  final_metrics["step"] = int(jax.device_get(host_state().step))
-  final_metrics["loss_tokens_total"] = seen["loss_tokens"]
-  if stop.received:
-    final_metrics["stopped_by"] = stop.received
-  return final_metrics
+def _announce(run: trainer.Run, extra: dict, safe_changes: dict) -> None:
+  """Prints the notes a user should see before the first step and writes manifest.json."""
+  config, cfg = run.config, run.cfg
+  unigram = run.input_pipeline.unigram_loss(config, run.tokenizer) \
+      if objectives.spec_of(config).unigram_baseline else None
+  if cfg.remat != "none" and jax.default_backend() == "cpu":
+    print(f"note: config.model.remat={cfg.remat} recomputes each layer but saves no memory on "
+          "XLA:CPU, whose scheduler runs the recomputation early (experiments/PERFORMANCE.md): "
+          "expect a slower step and the same peak memory", flush=True)
+  if unigram is not None:
+    print(f"unigram baseline: loss {unigram:.3f} (the train split's token entropy, nats); "
+          "a model that learned anything beyond token frequencies goes below it", flush=True)
+  run_records.write_manifest(run.workdir, config, {
+      "unigram_baseline_loss": unigram,
+      "tokenizer_fingerprint": run.tokenizer.fingerprint, "data_fingerprint": run.data_fingerprint,
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(run.state.params))),
+      "resumed_from_step": run.start_step, **extra}, changes=safe_changes)
 
 
 # ============================================================================ entry points
@@ -396,26 +204,12 @@ def main(config, workdir: str, flag_values) -> None:
   if jax.process_index() == 0:
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     print(f"done: step {metrics.get('step')}  " + "  ".join(f"{k}={v}" for k, v in shown.items()))
-    if config.model.family == "decoder_only" and config.objective == "next_token":
+    if config.objective == "next_token":  # only decoder-only models train next_token
       try:
         from gptjax.inference import generate as generate_cli  # pylint: disable=g-import-not-at-top
         generate_cli.print_training_sample(config, workdir)
       except (ImportError, AttributeError):
         pass
-
-
-def evaluate_params(config, params, tokenizer, split: str = "validation",
-                    max_batches: int = 0) -> dict[str, float]:
-  """Eval metrics (loss, perplexity, accuracies) of `params` on `split`, padded batches included."""
-  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  model = models.make_model(ModelConfig.from_config(config.model))
-  eval_step = train_step.make_eval_step(model, objectives.for_config(config))
-  total = None
-  for b in input_pipeline.make_eval_batches(config, tokenizer, split,
-                                            max_batches=max_batches or None):
-    terms = eval_step(params, b)
-    total = terms if total is None else jax.tree.map(jnp.add, total, terms)
-  return objectives.finalize(jax.device_get(total))
 
 
 def evaluate_main(config, workdir: str, flag_values) -> None:

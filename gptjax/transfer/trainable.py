@@ -144,23 +144,6 @@ def lora_objective(config, objective) -> Any:
   return terms
 
 
-class LoraModel:
-  """Deprecated: kept only while training/train.py still wraps its model in it.
-
-  The Trainer passes `lora_objective(config, objective)` and the plain model instead; delete
-  this class then.
-  """
-
-  def __init__(self, model: nn.Module, config):
-    self.model, self.cfg, self.config = model, model.cfg, config
-
-  def apply(self, variables, *args, **kwargs):
-    """`model.apply` with `merged_params`."""
-    rng = (kwargs.get("rngs") or {}).get("dropout")
-    merged = merged_params(self.config, variables["params"], rng, kwargs.get("deterministic", True))
-    return self.model.apply({**variables, "params": merged}, *args, **kwargs)
-
-
 def abstract_state(config, cfg, seq_len: int, target_len: int = 0):
   """(TrainState of ShapeDtypeStructs, optimizer) for this run's trainable setup; nothing allocated."""
   from gptjax.model import models  # pylint: disable=g-import-not-at-top
