@@ -17,6 +17,8 @@ from gptjax.transfer import sft_data as finetune
 
 from gptjax.transfer import lora
 
+from gptjax.model.config import ModelConfig
+from gptjax.model.ops import ops_for
 from gptjax.training import train_step
 
 _SEP = "__"  # LoRA tree keys are parameter paths; orbax wants no "/" inside a key
@@ -47,7 +49,8 @@ def trainable_mask(config, params) -> Optional[Any]:
 
 def make_optimizer(config, params) -> Any:
   """AdamW for the trainable part of `params` (abstract or concrete, unboxed)."""
-  return train_step.make_optimizer(config.train, trainable_mask(config, params))
+  ops = ops_for(ModelConfig.from_config(config.model))
+  return train_step.make_optimizer(config.train, trainable_mask(config, params), ops)
 
 
 def add_lora(config, base_params, rng) -> dict:

@@ -10,9 +10,9 @@ page faults once the heap has grown to its working size (the first few steps), a
 about 20% faster (experiments/PERFORMANCE.md). The price is a higher resident set: freed memory
 is kept by the process for its next step instead of being returned.
 
-`configure()` runs once when gptjax is imported. It must run before JAX starts its CPU threads
-(a thread that already has an arena keeps it), so scripts import gptjax before running any JAX
-computation. It changes nothing on hosts with a GPU or TPU device node, off Linux/glibc, or when
+Entry points call `configure()` (run.py, and the experiment scripts that train), importing
+gptjax changes nothing. It must run before JAX starts its CPU threads (a thread that already has
+an arena keeps it), so before any JAX computation. It changes nothing on hosts with a GPU or TPU device node, off Linux/glibc, or when
 GPTJAX_HOST_MALLOC=default.
 """
 
