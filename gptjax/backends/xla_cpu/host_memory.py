@@ -38,15 +38,19 @@ def _has_accelerator() -> bool:
               or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def applies_here() -> bool:
+  """Whether `configure()` would change this process's malloc (a CPU-only Linux/glibc host)."""
+  return (os.environ.get(ENV_VAR, "") != "default" and platform.system() == "Linux" and
+          platform.libc_ver()[0] == "glibc" and not _has_accelerator())
+
+
 def configure() -> bool:
   """Applies the malloc settings once per process; True when they are in effect."""
   global _applied
   if _applied is not None:
     return _applied
   _applied = False
-  if os.environ.get(ENV_VAR, "") == "default":
-    return False
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or _has_accelerator():
+  if not applies_here():
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
