@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, one_error_line, run_tiny_cli
 from gptjax import config_schema
 from gptjax.model import attention
 from gptjax.model import models
@@ -371,3 +371,33 @@ print(sorted(m for m in sys.modules if m.startswith("gptjax.backends")))
                      cwd=pathlib.Path(__file__).resolve().parents[1])
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_cpu_training_with_kernels_xla_loads_no_backend(data_cache, tmp_path, monkeypatch):
+  """A tiny CPU training run with --config.model.kernels=xla imports nothing from gptjax.backends."""
+  monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # every import, one line each on stderr
+  code, _, err = run_tiny_cli(data_cache, f"--workdir={tmp_path / 'w'}", "--config.train.steps=2",
+                              "--config.train.eval_every=0", "--config.model.kernels=xla")
+  assert code == 0, err[-2000:]
+  assert "gptjax.model.ops" in err and "gptjax.backends" not in err
+  monkeypatch.delenv("PYTHONPROFILEIMPORTTIME")
+  code, _, err = run_tiny_cli(data_cache, f"--workdir={tmp_path / 'bad'}", "--config.model.kernels=cuda")
+  assert code == 2 and "config.model.kernels='cuda'" in one_error_line(err)
+
+
+def test_without_the_kernels_auto_warns_once_and_xla_cpu_is_one_error_line(data_cache, tmp_path,
+                                                                           monkeypatch):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("GPTJAX_NO_CPU_KERNELS", "1")
+  code = ("from gptjax.model.config import ModelConfig; "
+          "print(ModelConfig().kernels, ModelConfig(num_layers=1).kernels)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert r.stdout.split() == ["xla", "xla"], r.stderr[-2000:]
+  if jax.default_backend() == "cpu":
+    assert [l for l in r.stderr.splitlines() if l.strip()] == [
+        "warning: gptjax's XLA:CPU kernels are unavailable (GPTJAX_NO_CPU_KERNELS is set); "
+        "running config.model.kernels=xla"]
+    rc, _, err = run_tiny_cli(data_cache, f"--workdir={tmp_path / 'w'}", "--config.model.kernels=xla_cpu")
+    assert rc == 2 and "use --config.model.kernels=xla" in one_error_line(err)
