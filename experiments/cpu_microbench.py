@@ -314,7 +314,7 @@ def attention_layouts() -> None:
       return vjp(g)
     return jax.jit(run)
 
-  variants = {"gptjax (2 causal blocks)": attend, "heads-major": heads_major,
+  variants = {"gptjax (kernels=xla_cpu)": attend, "heads-major": heads_major,
               "split by batch in 2": split(2, 0), "split by heads in 2": split(2, 2),
               "split by heads in 4": split(4, 2)}
   print("attention layouts fwd+bwd: " + ", ".join(

@@ -30,7 +30,7 @@ SAFE_PREFIXES = (
     # where files are, not what they hold (the data fingerprint guards their content)
     "data.raw_dir", "data.tfds_data_dir", "data.num_workers", "data.eval_batch_size",
     # how a layer is computed, not what it computes
-    "model.remat", "model.attention_impl",
+    "model.remat", "model.attention_impl", "model.kernels", "model.kernel_exclude",
 )
 SCHEDULE_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.schedule",
                    "train.decay_steps", "train.min_lr_ratio")
