@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from gptjax import config_schema
+from gptjax.model import ops
 
 _BASE = config_schema.base_config().model
 
@@ -62,12 +63,7 @@ class ModelConfig:
   num_classes: int = _BASE.num_classes
   pooling: str = _BASE.pooling
 
-  def __post_init__(self):
-    if self.kernels not in config_schema.KERNELS:
-      raise config_schema.ConfigError(
-          f"config.model.kernels={self.kernels!r} is not supported; allowed: "
-          f"{', '.join(config_schema.KERNELS)}")
-    from gptjax.model import ops  # pylint: disable=g-import-not-at-top
+  def __post_init__(self):  # `auto` -> the concrete kernels; an unknown name is a ConfigError
     object.__setattr__(self, "kernels", ops.resolve_kernels(self.kernels))
 
   @classmethod

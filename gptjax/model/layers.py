@@ -5,6 +5,10 @@ H query heads, K key/value heads, G = H // K, Dh head dim, F mlp, V vocab.
 Parameters are float32 and carry logical axis names (batch, length, embed,
 heads, kv_heads, kv, mlp, vocab) for the sharding rules in the config. Compute
 runs in `cfg.dtype`; softmax and norms run in float32.
+
+The products, norms, attention core and bias + GELU are the ops of `cfg.kernels`
+(`ops_for(cfg)`, gptjax/model/ops.py): plain JAX, or a backend's. `ModelConfig`
+(gptjax/model/config.py) and `NEG_INF` (gptjax/model/attention.py) are importable from here too.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.model import weight_matmul
+from gptjax.model.attention import NEG_INF  # noqa: F401  pylint: disable=unused-import
 from gptjax.model.config import ModelConfig
 from gptjax.model.ops import XLA, Ops, ops_for
 from gptjax.model.positions import apply_rope, t5_relative_bucket
 from gptjax.transfer.quantize import QTensor
 
 Array = jax.Array
-__all__ = ["ModelConfig"]  # re-exported: its home is gptjax.model.config
 
 
 def _normal(std: float, axes: tuple[str, ...]):
