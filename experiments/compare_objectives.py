@@ -382,6 +382,8 @@ def finished_rows(arms: list, seeds: list) -> list[dict]:
 
 def main(argv):
   del argv
+  from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.configure()  # XLA:CPU malloc settings before JAX starts its threads (no-op off CPU)
   preset = PRESETS[FLAGS.preset]
   arms = FLAGS.arms or list(ARMS)
   unknown = [a for a in arms if a not in ARMS]
