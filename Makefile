@@ -16,7 +16,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
-	$(PY) -m gptjax.backends.xla_cpu.kernels || echo "gptjax: CPU kernels not built; the jnp formulations are used"
+	$(PY) -m gptjax.backends.xla_cpu.build || echo "gptjax: CPU kernels not built; the jnp formulations are used"
 	touch $@
 
 # torch (CPU build) is a test and benchmark dependency: reference implementations for weight import

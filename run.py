@@ -61,6 +61,10 @@ def main(argv):
   mode = _MODE.value
   if mode in NEEDS_WORKDIR and not _WORKDIR.value:
     _fail(f"--mode={mode} needs --workdir=DIR (where checkpoints and metrics live)")
+  if config.model.kernels != "xla":
+    # the XLA:CPU backend's malloc settings, before JAX starts its threads (no-op off CPU hosts)
+    from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.configure()
   from gptjax import config_schema  # pylint: disable=g-import-not-at-top
   try:
     config_schema.validate(config)

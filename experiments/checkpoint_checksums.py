@@ -47,7 +47,7 @@ def main(argv):
   from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from gptjax.training import sharding
   from gptjax.training import train
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   cfg = ModelConfig.from_config(config.model)
   mesh = sharding.make_mesh(config.parallelism)

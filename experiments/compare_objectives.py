@@ -115,7 +115,7 @@ def _quiet(c, steps: int, eval_steps: int):
 def pretrain_config(arm: str, preset: dict, seed: int):
   """The arm's pre-training config, with its step count set by the shared budget."""
   from gptjax.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   family, objective, extra = ARMS[arm]
   overrides = {"objective": objective, "data.corpus": "enwiki2015", "seed": seed,
                "data.seed": seed, "data.seq_len": preset["seq_len"], "data.max_docs": preset["max_docs"],
@@ -210,7 +210,7 @@ def run_probe(pre_dir: str, workdir: str, label: str, seed: int, n_train: int, n
   from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from gptjax.inference import sentence_embeddings as embeddings
   from gptjax.model import models
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
 
   def compute():
     run_config, params, tokenizer = checkpointing.restore_for_inference(pre_dir)
@@ -237,7 +237,7 @@ def run_probe(pre_dir: str, workdir: str, label: str, seed: int, n_train: int, n
 
 def _param_count(config) -> int:
   from gptjax.analysis import param_summary as summary  # pylint: disable=g-import-not-at-top
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   return summary.count_params(summary.param_shapes(ModelConfig.from_config(config.model)))
 
 
@@ -322,7 +322,7 @@ def run_unit(arm: str, seed: int, config, preset: dict, majority: float) -> dict
   """One (arm, seed): pre-train, unigram baseline, probes, fine-tune, scratch; its results row."""
   from gptjax.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from gptjax.training import run_records
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   root = os.path.join(FLAGS.out, arm, f"seed{seed}")
   pre_dir = os.path.join(root, "pretrain")
   family = ARMS[arm][0]  # the random-body probe and scratch depend on the family only
@@ -382,6 +382,8 @@ def finished_rows(arms: list, seeds: list) -> list[dict]:
 
 def main(argv):
   del argv
+  from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.configure()  # XLA:CPU malloc settings before JAX starts its threads (no-op off CPU)
   preset = PRESETS[FLAGS.preset]
   arms = FLAGS.arms or list(ARMS)
   unknown = [a for a in arms if a not in ARMS]

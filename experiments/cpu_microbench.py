@@ -25,7 +25,7 @@ gelu_backward: one MLP block with jax.nn.gelu, two hand-written GELU backwards, 
 log_partition: the loss on gpt:small logits by autodiff and with a backward that recomputes exp.
 elementwise_kernels: forward+backward of gpt:small's LayerNorm ([2048, 256]), bias+GELU (tanh and
 exact, [2048, 1024]) and loss ([2048, 8192] logits) through gptjax's CPU kernels and as XLA
-fusions (the `cpu_norm`, `cpu_bias_gelu` and `cpu_cross_entropy` switches off). Run it twice:
+fusions (the `cpu_norm`, `cpu_bias_gelu` and `cpu_cross_entropy` tricks off). Run it twice:
 the first figures of a process include the heap's growth.
 remat_memory: compiled temporaries of a 16-layer gradient with and without jax.checkpoint.
 Each figure is the mean of --repeats calls after one warm-up call. PyTorch (a test and benchmark
@@ -44,11 +44,13 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import gptjax  # pylint: disable=g-import-not-at-top  (host malloc settings, as in training)
-from gptjax.backends.xla_cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
-from gptjax.backends.xla_cpu import fast_paths
-from gptjax.model import layers
-from gptjax.training import objectives
+from gptjax.backends.xla_cpu import fast_paths  # pylint: disable=g-import-not-at-top
+from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+from gptjax.backends.xla_cpu import ops as xla_cpu_ops  # pylint: disable=g-import-not-at-top
+from gptjax.model import attention as attention_core  # pylint: disable=g-import-not-at-top
+from gptjax.model import layers  # pylint: disable=g-import-not-at-top
+from gptjax.model.ops import XLA  # pylint: disable=g-import-not-at-top
+from gptjax.training import objectives  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 20, "Timed calls per measurement.")
@@ -194,28 +196,23 @@ def dense_matmuls() -> None:
 def attention() -> None:
   """ms per forward+backward of one gpt:small layer's causal attention core, five ways."""
   import torch  # pylint: disable=g-import-not-at-top
-  from gptjax.model import layers  # pylint: disable=g-import-not-at-top
-  from gptjax.model import models
+  from gptjax.model import models  # pylint: disable=g-import-not-at-top
   q, k, v, g = (jax.random.normal(jax.random.key(i), (B, L, H, DH)) for i in range(4))
   mask = models.build_mask(None, True, L)
 
   def fwd_bwd(**switches):
-    saved = dict(layers.PERF)
-    layers.PERF.update(switches)  # read while tracing, so the jitted function keeps them
+    ops = cpu_ops(**switches)
     def f(q, k, v):
-      attend = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, None, DH ** -0.5,
-                                                            "einsum", causal=True)
+      attend = lambda q, k, v: ops.attention(q, k, v, mask, None, DH ** -0.5, "einsum",
+                                             mask_is_causal=True)
       out, vjp = jax.vjp(attend, q, k, v)
       return out, vjp(g)
-    try:
-      return timed(jax.jit(f), q, k, v)
-    finally:
-      layers.PERF.update(saved)
+    return timed(jax.jit(f), q, k, v)
 
   xla = dict(cpu_head_matmul=False, cpu_fused_attention=False)
   rows = {
       "XLA einsums": fwd_bwd(causal_blocks=False, **xla),
-      f"XLA einsums in {layers.causal_query_blocks(L, L)} causal query blocks":
+      f"XLA einsums in {xla_cpu_ops.causal_query_blocks(L, L)} causal query blocks":
           fwd_bwd(causal_blocks=True, **xla),
       "per-head matmul kernel, query blocks": fwd_bwd(cpu_head_matmul=True,
                                                       cpu_fused_attention=False),
@@ -288,12 +285,11 @@ def wgrad_layouts() -> None:
 
 def attention_layouts() -> None:
   """ms per fwd+bwd of gpt:small's causal attention core: gptjax's blocks, heads-major, split."""
-  from gptjax.model import layers  # pylint: disable=g-import-not-at-top
-  from gptjax.model import models
+  from gptjax.model import models  # pylint: disable=g-import-not-at-top
   q, k, v, g = (jax.random.normal(jax.random.key(i), (B, L, H, DH)) for i in range(4))
   mask = models.build_mask(None, True, L)
-  attend = lambda q, k, v, m: layers.dot_product_attention(q, k, v, m, None, DH ** -0.5, "einsum",
-                                                           causal=True)
+  attend = lambda q, k, v, m: cpu_ops().attention(q, k, v, m, None, DH ** -0.5, "einsum",
+                                                  mask_is_causal=True)  # kernels=xla_cpu
 
   def heads_major(q, k, v, m):  # one [B, H, L, Dh] copy of q, k, v; two causal query blocks
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
@@ -301,7 +297,7 @@ def attention_layouts() -> None:
     outs = []
     for i in range(2):
       s = jnp.einsum("bhld,bhsd->bhls", qt[:, :, i * c:(i + 1) * c], kt[:, :, :(i + 1) * c])
-      s = jnp.where(m[:, :, i * c:(i + 1) * c, :(i + 1) * c], s * DH ** -0.5, layers.NEG_INF)
+      s = jnp.where(m[:, :, i * c:(i + 1) * c, :(i + 1) * c], s * DH ** -0.5, attention_core.NEG_INF)
       p = fast_paths.softmax_last_axis(s)
       outs.append(jnp.einsum("bhls,bhsd->bhld", p, vt[:, :, :(i + 1) * c]))
     return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
@@ -318,7 +314,7 @@ def attention_layouts() -> None:
       return vjp(g)
     return jax.jit(run)
 
-  variants = {"gptjax (2 causal blocks)": attend, "heads-major": heads_major,
+  variants = {"gptjax (kernels=xla_cpu)": attend, "heads-major": heads_major,
               "split by batch in 2": split(2, 0), "split by heads in 2": split(2, 2),
               "split by heads in 4": split(4, 2)}
   print("attention layouts fwd+bwd: " + ", ".join(
@@ -378,7 +374,7 @@ def log_partition() -> None:
     return jnp.sum(log_z(l) - target)
 
   grad = lambda f: jax.jit(jax.value_and_grad(f))
-  autodiff = grad(lambda l: objectives.cross_entropy(l, targets, weights)[0])
+  autodiff = grad(lambda l: objectives.cross_entropy(l, targets, weights, XLA)[0])
   print(f"loss fwd+bwd [2048 x 8192]: gptjax (autodiff) {timed(autodiff, logits):.2f} ms, "
         f"exp recomputed in the backward {timed(grad(recompute), logits):.2f} ms")
 
@@ -409,32 +405,27 @@ def elementwise_kernels() -> None:
   """ms per fwd+bwd of a norm, bias+GELU and the loss, as gptjax's CPU kernels and as XLA."""
   keys = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(keys[0], (2048, 256))
-  norm = layers.Norm()
-  norm_params = norm.init(keys[1], x)
+  norm_params = layers.Norm().init(keys[1], x)
   h = jax.random.normal(keys[2], (2048, 1024))
   bias = jnp.zeros((1024,))
   logits = 3 * jax.random.normal(keys[3], (2048, 8192))
   targets = jnp.arange(2048) % 8192
   weights = jnp.ones((2048,))
 
-  def gelu(approximate):  # what Dense(activation=...) runs with the switch on and off
-    def loss(v, b):
-      if fast_paths.PERF["cpu_bias_gelu"]:
-        return jnp.sum(cpu_kernels.bias_gelu(v, b, approximate) * v)
-      return jnp.sum(jax.nn.gelu(v + b, approximate=approximate) * v)
-    return loss
-  cases = [("LayerNorm", "cpu_norm", lambda p, v: jnp.sum(norm.apply(p, v) * v),
+  def gelu(approximate):  # what the MLP's bias + GELU runs with the trick on and off
+    return lambda ops: lambda v, b: jnp.sum(ops.bias_gelu(v, b, approximate) * v)
+  cases = [("LayerNorm", "cpu_norm",
+            lambda ops: lambda p, v: jnp.sum(layers.Norm(ops=ops).apply(p, v) * v),
             (norm_params, x)),
            ("bias+GELU tanh", "cpu_bias_gelu", gelu(True), (h, bias)),
            ("bias+GELU exact", "cpu_bias_gelu", gelu(False), (h, bias)),
            ("loss", "cpu_cross_entropy",
-            lambda v: objectives.cross_entropy(v, targets, weights)[0], (logits,))]
+            lambda ops: lambda v: objectives.cross_entropy(v, targets, weights, ops)[0], (logits,))]
   for name, switch, loss, args in cases:
     times = {}
     for on in (True, False):
-      fast_paths.PERF[switch] = on
-      times[on] = timed(jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))), *args)
-    fast_paths.PERF[switch] = True
+      fn = loss(cpu_ops(**{switch: on}))
+      times[on] = timed(jax.jit(jax.grad(fn, argnums=tuple(range(len(args))))), *args)
     print(f"{name} fwd+bwd: kernel {times[True]:.2f} ms, XLA {times[False]:.2f} ms")
 
 
@@ -446,8 +437,14 @@ BENCHMARKS = {"colsum": colsum, "adamw": adamw, "matmul_dtypes": matmul_dtypes,
               "elementwise_kernels": elementwise_kernels, "remat_memory": remat_memory}
 
 
+def cpu_ops(**switches):
+  """The xla_cpu ops with every trick on but those given as False (gptjax/backends/xla_cpu/ops.py)."""
+  return xla_cpu_ops.make_ops(frozenset(name for name, on in switches.items() if not on))
+
+
 def main(argv):
   del argv
+  host_memory.configure()  # the XLA:CPU malloc settings, as in training; before JAX starts threads
   unknown = [b for b in FLAGS.benchmarks if b not in BENCHMARKS]
   if unknown:
     raise SystemExit(f"error: --benchmarks={','.join(unknown)} is unknown; choose from "

@@ -50,7 +50,7 @@ def gptjax_model():
   import jax  # pylint: disable=g-import-not-at-top
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   from gptjax.model import models  # pylint: disable=g-import-not-at-top
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   family, variant = _CONFIG.value.split(":")
   cfg = ModelConfig.from_config(load_config(family, variant).model)
   cfg = dataclasses.replace(cfg, dropout_rate=0.0, attention_dropout_rate=0.0)

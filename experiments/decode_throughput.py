@@ -60,7 +60,7 @@ def _model(name: str, variant: str):
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   from gptjax.model import models  # pylint: disable=g-import-not-at-top
   from gptjax.transfer import quantize
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   family, size = name.split(":")
   cfg = ModelConfig.from_config(load_config(family, size).model)
   cfg = dataclasses.replace(cfg, dropout_rate=0.0, attention_dropout_rate=0.0,

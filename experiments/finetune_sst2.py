@@ -106,6 +106,8 @@ def run_once(config, workdir: str, label: str) -> dict:
 
 def main(argv):
   del argv
+  from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.configure()  # XLA:CPU malloc settings before JAX starts its threads (no-op off CPU)
   source, model, tokenizer = resolve_source(FLAGS.init_from)
   os.makedirs(FLAGS.out, exist_ok=True)
   rows = []

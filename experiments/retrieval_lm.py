@@ -230,12 +230,14 @@ def git_commit() -> str:
 
 def main(argv):
   del argv
+  from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.configure()  # XLA:CPU malloc settings before JAX starts its threads (no-op off CPU)
   t0 = time.time()
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   from gptjax.model import models  # pylint: disable=g-import-not-at-top
   from gptjax.inference import retrieval
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   p = dict(PRESETS[FLAGS.preset])
   p["windows"] = FLAGS.windows or p["windows"]
   ks = sorted(int(k) for k in FLAGS.ks)

@@ -98,7 +98,7 @@ def overrides_for(preset: dict, shape: tuple, seed: int, steps: int) -> dict:
 def param_counts(config) -> tuple[int, int]:
   """(total, non-embedding) parameters; the tied token table and the position table are embeddings."""
   from gptjax.analysis import param_summary as summary  # pylint: disable=g-import-not-at-top
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   rows = summary.flat_params(summary.param_shapes(ModelConfig.from_config(config.model)))
   total = sum(int(np.prod(s)) for _, s in rows)
   embed = sum(int(np.prod(s)) for n, s in rows if n.endswith("embed/embedding"))
@@ -172,7 +172,7 @@ def collect(registry, runs: list, described: list) -> list[dict]:
     if r.get("status") != "done" or "eval_loss" not in m:
       continue
     from gptjax.training import flops  # pylint: disable=g-import-not-at-top
-    from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+    from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
     per_example = flops.train_flops_per_example(ModelConfig.from_config(config.model),
                                                 config.data.seq_len, 0, "next_token")
     rows.append({**desc, "run_id": rid, "eval_loss": m["eval_loss"],

@@ -112,7 +112,7 @@ class Reward:
     import jax  # pylint: disable=g-import-not-at-top
     from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
     from gptjax.model import models
-    from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+    from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
     self.config, self.params, self.tok = checkpointing.restore_for_inference(workdir)
     model = models.make_model(ModelConfig.from_config(self.config.model))
     self.fn = jax.jit(lambda params, ids, mask: jax.nn.softmax(model.apply(
@@ -141,7 +141,7 @@ class Policy:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
     from gptjax.model import models
-    from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+    from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
     self.config, self.params, self.tok = checkpointing.restore_for_inference(workdir)
     self.model = models.make_model(ModelConfig.from_config(self.config.model))
     self.new_tokens = new_tokens
@@ -257,6 +257,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv):
   del argv
+  from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.configure()  # XLA:CPU malloc settings before JAX starts its threads (no-op off CPU)
   t0 = time.time()
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)

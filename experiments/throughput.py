@@ -15,7 +15,8 @@ Tokens/s and MFU come from the untraced steps only.
   python experiments/throughput.py --families=gpt --variants=small --ab=causal_blocks,donate_state
 
 --ab builds each model twice, with a switch on and off, and times both in alternating rounds in
-one process: the `gptjax.model.layers.PERF` fast paths, and the SETTINGS below (scan over layers,
+one process: the xla_cpu tricks (config.model.kernel_exclude, gptjax/backends/xla_cpu/ops.py),
+and the SETTINGS below (scan over layers,
 rematerialisation, state donation, metrics fetched one step late). It also reports the compiled
 step's buffer total (arguments, unaliased outputs, temporaries), compile time and minor page
 faults per timed step for each: both programs share one malloc heap (gptjax/backends/xla_cpu/host_memory.py), and
@@ -39,16 +40,13 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gptjax import config_schema  # pylint: disable=g-import-not-at-top
+from gptjax.model import models  # pylint: disable=g-import-not-at-top
+from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
+from gptjax.model.ops import ops_for  # pylint: disable=g-import-not-at-top
 from gptjax.training import flops  # pylint: disable=g-import-not-at-top
-
-from gptjax.model import layers
-
-from gptjax.model import models
-
-from gptjax.training import sharding
-
-from gptjax.training import train_step
-from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+from gptjax.training import sharding  # pylint: disable=g-import-not-at-top
+from gptjax.training import train_step  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, str(REPO / "experiments"))
 import profile_breakdown  # pylint: disable=g-import-not-at-top
@@ -70,9 +68,11 @@ flags.DEFINE_bool("donate", True, "Donate the train state to the step (off: for 
                   "across processes; --ab=donate_state compares in one).")
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
                   "Rematerialisation policy per layer (config.model.remat).")
-flags.DEFINE_list("slow_path", [], "gptjax.model.layers.PERF switches to turn off (the slow path "
-                  "each one replaced), for A/B runs across processes.")
-flags.DEFINE_list("ab", [], "PERF switches or SETTINGS to A/B: each model is built with the "
+flags.DEFINE_enum("kernels", "auto", list(config_schema.KERNELS), "config.model.kernels: the "
+                  "ops implementation (gptjax/model/ops.py).")
+flags.DEFINE_list("slow_path", [], "xla_cpu tricks to turn off (added to config.model."
+                  "kernel_exclude: the slow path each one replaced), for A/B runs across processes.")
+flags.DEFINE_list("ab", [], "xla_cpu tricks or SETTINGS to A/B: each model is built with the "
                   "switch on and off and both are timed in alternating rounds of --steps in this "
                   "process.")
 flags.DEFINE_string("output", "", "Append JSON lines of results to this file.")
@@ -85,7 +85,7 @@ flags.DEFINE_integer("profile_steps", 3, "Steps run under the profiler for --bre
 flags.DEFINE_string("profile_dir", "", "Keep the profiler traces and the step's HLO text under "
                     "<dir>/<family>_<variant> (default: a temporary dir).")
 
-# Train-step settings --ab can compare besides the PERF switches: gptjax's choice ("on") against
+# Train-step settings --ab can compare besides the xla_cpu tricks: gptjax's choice ("on") against
 # the alternative ("off"). Values: config overrides (on, off), or for the loop, how metrics are
 # fetched.
 SETTINGS = {
@@ -158,12 +158,14 @@ def build(family: str, variant: str, overrides: dict | None = None):
   c.model.remat = FLAGS.remat
   if FLAGS.attention_impl:
     c.model.attention_impl = FLAGS.attention_impl
+  c.model.kernels = FLAGS.kernels
+  c.model.kernel_exclude = ",".join(_excluded(c.model.kernel_exclude, FLAGS.slow_path))
   for path, value in overrides.items():
     section, key = path.split(".")
     c[section][key] = value
   cfg = ModelConfig.from_config(c.model)
   target_len = (c.data.target_len or c.data.seq_len) if cfg.family == "encoder_decoder" else 0
-  tx = train_step.make_optimizer(c.train)
+  tx = train_step.make_optimizer(c.train, ops=ops_for(cfg))
   mesh = sharding.make_mesh(c.parallelism)
   state, shardings = train_step.create_state(cfg, tx, 0, mesh, c.parallelism, c.data.seq_len,
                                              target_len)
@@ -239,6 +241,7 @@ def measure(family: str, variant: str) -> dict:
           "target_len": target_len, "dtype": FLAGS.dtype, "step_s": dt, "tokens_per_s": tokens / dt,
           "loss_tokens_per_s": loss_tokens / dt,
           "tflops_per_s": flop / dt / 1e12,
+          "kernels": cfg.kernels, "kernel_exclude": cfg.kernel_exclude,
           "slow_path": ",".join(FLAGS.slow_path), "compile_s": compile_s,
           "peak_mem_gb": peak_memory_bytes() / 2 ** 30, "page_faults_per_step": faults,
           "warmup_rounds": warmup_rounds,
@@ -246,7 +249,7 @@ def measure(family: str, variant: str) -> dict:
 
 
 def compare_switch(family: str, variant: str, switch: str, rounds: int = 5) -> dict:
-  """Step time, compile time and XLA's buffer total with a PERF switch or a SETTING on and off.
+  """Step time, compile time and XLA's buffer total with an xla_cpu trick or a SETTING on and off.
 
   Step times come from alternating rounds in this process. Buffers: arguments, outputs not
   aliased to (donated) arguments, and temporaries of the compiled step.
@@ -260,12 +263,14 @@ def compare_switch(family: str, variant: str, switch: str, rounds: int = 5) -> d
           fetch = values[0 if on else 1]
         else:
           overrides[key] = values[0 if on else 1]
-    else:
-      layers.PERF[switch] = on
+    else:  # the trick on: kept out of (taken out of) kernel_exclude; off: added to it
+      default = load_config(family, variant).model.kernel_exclude
+      kept = [n for n in _excluded(default, FLAGS.slow_path) if n != switch]
+      overrides["model.kernel_exclude"] = ",".join(kept if on else kept + [switch])
     _, _, mesh, step, state, batches, _ = build(family, variant, overrides)
     with jax.set_mesh(mesh):
       t0 = time.perf_counter()
-      compiled = step.lower(state, batches[0]).compile()  # traced with the switch as set now
+      compiled = step.lower(state, batches[0]).compile()
       compile_s = time.perf_counter() - t0
       mem = compiled.memory_analysis()  # arguments + outputs not aliased to them + temporaries
       buffers = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
@@ -274,8 +279,6 @@ def compare_switch(family: str, variant: str, switch: str, rounds: int = 5) -> d
       state, _ = warm_up_heap(step, state, batches, fetch)
     runs[on] = {"mesh": mesh, "step": step, "state": state, "batches": batches, "times": [],
                 "fetch": fetch, "buffers": buffers, "compile_s": compile_s, "faults": 0}
-  if switch in layers.PERF:
-    layers.PERF[switch] = True
   for _ in range(rounds):
     for r in runs.values():
       with jax.set_mesh(r["mesh"]):
@@ -314,16 +317,23 @@ def profile(step, state, batches, name: str) -> dict:
     return profile_breakdown.breakdown(log_dir, hlo, n, wall, top=max(10, FLAGS.top_scopes))
 
 
+def _excluded(kernel_exclude: str, more) -> list[str]:
+  """The names in a kernel_exclude string plus `more`, each once, in order."""
+  names = [n.strip() for n in kernel_exclude.split(",") if n.strip()] + list(more)
+  return list(dict.fromkeys(names))
+
+
 def main(argv):
   del argv
   for flag, names in (("slow_path", FLAGS.slow_path), ("ab", FLAGS.ab)):
     for name in names:
-      known = list(layers.PERF) + (list(SETTINGS) if flag == "ab" else [])
+      known = list(config_schema.XLA_CPU_TRICKS) + (list(SETTINGS) if flag == "ab" else [])
       if name not in known:
-        raise SystemExit(f"error: --{flag}={name} is not a switch; choose from "
+        raise SystemExit(f"error: --{flag}={name} is not an xla_cpu trick; choose from "
                          f"{', '.join(known)}")
-  for name in FLAGS.slow_path:
-    layers.PERF[name] = False
+  if FLAGS.kernels != "xla":  # the XLA:CPU backend's malloc settings, before JAX starts threads
+    from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.configure()
   dt = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
   n = 4096 if jax.default_backend() != "cpu" else 2048
   peak = flops.measure_matmul_peak(dt, n=n)

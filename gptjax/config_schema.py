@@ -22,6 +22,14 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "gated_gelu", "swiglu")
 ATTENTION_IMPLS = ("einsum", "dot_product")
+# config.model.kernels: which implementation of the layers' ops runs (gptjax/model/ops.py)
+KERNELS = ("auto", "xla", "xla_cpu")
+# config.model.kernel_exclude: the xla_cpu tricks that can be turned off one by one (for A/B
+# measurements, experiments/throughput.py --ab); what each does: gptjax/backends/xla_cpu/ops.py
+XLA_CPU_TRICKS = ("flat_dense", "residual_grad_barrier", "attend_transposed", "softmax_vjp",
+                  "bias_grad_matvec", "causal_blocks", "clip_as_scale", "cpu_head_matmul",
+                  "cpu_fused_attention", "cpu_norm", "cpu_bias_gelu", "cpu_cross_entropy",
+                  "cpu_weight_matmul")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 QUANTIZE_KINDS = ("", "int8")
@@ -79,6 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_dropout_rate = 0.0
   m.dtype = "float32"  # compute dtype; parameters stay float32
   m.attention_impl = "einsum"
+  # auto: xla_cpu on a CPU backend when its C++ kernels build, else xla (plain JAX)
+  m.kernels = "auto"
+  # comma-separated XLA_CPU_TRICKS turned off under xla_cpu; the float32 few-row weight kernel is
+  # off by default (no gain measured over XLA's dot; int8 weights always use it)
+  m.kernel_exclude = "cpu_weight_matmul"
   m.scan_layers = False
   m.remat = "none"  # none, full, dots, dots_no_batch; saves no memory on XLA:CPU (PERFORMANCE.md)
   m.init_std = 0.02
@@ -220,6 +233,12 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   _one_of("config.model.activation", m.activation, ACTIVATIONS)
   _one_of("config.model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
   _one_of("config.model.dtype", m.dtype, DTYPES)
+  _one_of("config.model.kernels", m.kernels, KERNELS)
+  for name in filter(None, m.kernel_exclude.split(",")):
+    _one_of("config.model.kernel_exclude", name.strip(), XLA_CPU_TRICKS)
+  if m.kernels == "xla_cpu":  # can this machine run it? (builds the kernels once, then cached)
+    from gptjax.model import ops  # pylint: disable=g-import-not-at-top
+    ops.resolve_kernels(m.kernels)
   _one_of("config.model.remat", m.remat, REMAT_POLICIES)
   _one_of("config.model.pooling", m.pooling, ("first", "mean", "last"))
   for field in ("vocab_size", "embed_dim", "num_heads", "mlp_dim", "num_layers", "max_len"):

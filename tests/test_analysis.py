@@ -108,7 +108,7 @@ def test_scanned_params_unstack_per_layer():
   import jax  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from gptjax.model import models  # pylint: disable=g-import-not-at-top
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   cfg = ModelConfig(num_layers=3, scan_layers=True)
   scanned = nn.meta.unbox(models.init_params(cfg, jax.random.key(0)))
   flat = analysis.unstack_layers(jax.device_get(scanned))

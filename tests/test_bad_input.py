@@ -149,5 +149,5 @@ def test_one_cache_variable(monkeypatch, tmp_path):
   monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "new"))
   assert config_schema.cache_dir() == str(tmp_path / "new")
   assert corpora.tfds_dir() == str(tmp_path / "new" / "tfds")
-  from gptjax.backends.xla_cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
-  assert str(cpu_kernels.cache_dir()) == str(tmp_path / "new")
+  from gptjax.backends.xla_cpu import build  # pylint: disable=g-import-not-at-top
+  assert str(build.cache_dir()) == str(tmp_path / "new")

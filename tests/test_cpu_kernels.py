@@ -1,24 +1,31 @@
-"""The CPU kernels (gptjax/backends/xla_cpu/kernels.py) against the jnp formulations they replace."""
+"""The XLA:CPU backend (gptjax/backends/xla_cpu) against the plain `xla` formulations it replaces."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from gptjax.backends.xla_cpu import build
+from gptjax.backends.xla_cpu import fast_paths
 from gptjax.backends.xla_cpu import kernels as cpu_kernels
-
+from gptjax.backends.xla_cpu import ops as xla_cpu_ops
+from gptjax.model import attention
 from gptjax.model import layers
-
+from gptjax.model.ops import XLA
 from gptjax.training import objectives
 
-# Where a compiler exists the kernels must build: no silent fallback.
-pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler")
+# On a CPU backend with a compiler the kernels must build: no silent fallback. Elsewhere they
+# never run (config.model.kernels=auto resolves to xla), so there is nothing to compare.
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or build._compiler() is None,
+                                reason="the XLA:CPU kernels run only on a CPU backend with a C++ compiler")
+CPU = xla_cpu_ops.make_ops(frozenset())  # every trick on
 
 
 def test_kernels_build_and_register():
-  assert cpu_kernels.available()
+  assert build.available() and build.unavailable_reason() is None
 
 # The attention products and every einsum their gradients turn into.
 EQUATIONS = ["blhd,bshd->bhls", "bhls,bshd->blhd", "bhls,blhd->bshd", "blhd,bhls->bshd",
@@ -90,7 +97,7 @@ def test_other_dtypes_and_grouped_queries_fall_back_to_einsum():
 def _reference_attention(q, k, v, mask, scale):
   s = jnp.einsum("blhd,bshd->bhls", q, k) * scale
   if mask is not None:
-    s = jnp.where(mask, s, layers.NEG_INF)
+    s = jnp.where(mask, s, attention.NEG_INF)
   return jnp.einsum("bhls,bshd->blhd", jax.nn.softmax(s, axis=-1), v)
 
 
@@ -143,8 +150,8 @@ def test_attention_layer_uses_the_fused_kernel_only_where_it_applies():
   bias = jnp.zeros((1, 4, 64, 64))
 
   def lowered(bias=None, dtype=jnp.float32):
-    fn = lambda q, k, v: layers.dot_product_attention(  # noqa: E731
-        q, k, v, mask, bias, 0.25, "einsum", causal=True)
+    fn = lambda q, k, v: CPU.attention(  # noqa: E731
+        q, k, v, mask, bias, 0.25, "einsum", mask_is_causal=True)
     return jax.jit(fn).lower(*(x.astype(dtype) for x in (q, k, v))).as_text()
   assert cpu_kernels.ATTENTION_FWD in lowered()
   assert cpu_kernels.ATTENTION_FWD not in lowered(bias=bias)  # bias: per-head matmul kernel
@@ -153,17 +160,9 @@ def test_attention_layer_uses_the_fused_kernel_only_where_it_applies():
 
 
 def _plain_norm(kind, use_bias):
-  """gptjax.model.layers.Norm with the kernel switched off, as a function of (params, x)."""
-  module = layers.Norm(kind, 1e-5, use_bias)
-
-  def apply(params, x):
-    saved = layers.PERF["cpu_norm"]
-    layers.PERF["cpu_norm"] = False
-    try:
-      return module.apply(params, x)
-    finally:
-      layers.PERF["cpu_norm"] = saved
-  return module, apply
+  """gptjax.model.layers.Norm with the kernel, and the plain one as a function of (params, x)."""
+  module = layers.Norm(kind, 1e-5, use_bias, ops=CPU)
+  return module, layers.Norm(kind, 1e-5, use_bias, ops=XLA).apply
 
 
 # [2048, 256] is gpt:small's residual stream; 50 and 19 leave a partial 16-float vector per row,
@@ -197,7 +196,7 @@ def test_norm_column_sums_do_not_depend_on_threads():
   # The scale gradient sums 2048 rows in blocks; the same input must give the same bits.
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(2048, 256)), jnp.float32)
-  module = layers.Norm()
+  module = layers.Norm(ops=CPU)
   params = module.init(jax.random.key(0), x)
   grad = jax.jit(jax.grad(lambda p: jnp.sum(module.apply(p, x) * x)))
   first = grad(params)
@@ -245,12 +244,11 @@ def test_bias_gelu_is_as_close_to_float64_as_jax():
 
 
 def _plain_cross_entropy(logits, targets, weights):
-  saved = layers.PERF["cpu_cross_entropy"]
-  layers.PERF["cpu_cross_entropy"] = False
-  try:
-    return objectives.cross_entropy(logits, targets, weights)
-  finally:
-    layers.PERF["cpu_cross_entropy"] = saved
+  return objectives.cross_entropy(logits, targets, weights, XLA)
+
+
+def _kernel_cross_entropy(logits, targets, weights):
+  return objectives.cross_entropy(logits, targets, weights, CPU)
 
 
 # gpt:small's [16, 128, 8192] logits; 37 leaves a partial vector, 5 x 3 a partial unit of rows.
@@ -263,14 +261,14 @@ def test_cross_entropy_kernel_matches_plain_loss_and_gradient(shape):
   logits = logits.at[1, 1, targets[1, 1]].set(50.0)  # one row whose target is the max
   weights = jnp.asarray(rng.uniform(size=shape[:-1]) > 0.3, jnp.float32)
   assert cpu_kernels.rows_kernel_applies(logits)
-  got = jax.jit(objectives.cross_entropy)(logits, targets, weights)
+  got = jax.jit(_kernel_cross_entropy)(logits, targets, weights)
   want = _plain_cross_entropy(logits, targets, weights)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert float(got[2]) >= 1.0  # the row whose target is the max counts as correct
 
   def loss(fn):
     return lambda x: fn(x, targets, weights)[0]
-  got_grad = jax.jit(jax.grad(loss(objectives.cross_entropy)))(logits)
+  got_grad = jax.jit(jax.grad(loss(_kernel_cross_entropy)))(logits)
   want_grad = jax.grad(loss(_plain_cross_entropy))(logits)
   np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
 
@@ -282,3 +280,18 @@ def test_cross_entropy_kernel_out_of_range_target_is_nan_like_take_along_axis():
   want = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
   np.testing.assert_array_equal(np.isnan(target_logit), np.isnan(want))
   assert np.isnan(target_logit[1])
+
+
+@pytest.mark.parametrize("grad_scale", [1e-3, 30.0])  # below and above the clip norm
+def test_clip_as_scale_matches_optax_clip(grad_scale):
+  """xla_cpu's clip (one scalar factor) keeps optax's state tree and its updates."""
+  params = {"kernel": jax.random.normal(jax.random.key(0), (64, 32)),
+            "bias": jax.random.normal(jax.random.key(1), (32,))}
+  grads = jax.tree.map(lambda x: grad_scale * jax.random.normal(jax.random.key(2), x.shape), params)
+  ours, reference = fast_paths.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  assert jax.tree.structure(ours.init(params)) == jax.tree.structure(reference.init(params))
+  got = jax.jit(ours.update)(grads, ours.init(params), params)[0]
+  want = jax.jit(reference.update)(grads, reference.init(params), params)[0]
+  tol = 0 if grad_scale < 1.0 else 1e-6  # unclipped: bit-identical
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol)

@@ -13,7 +13,7 @@ from conftest import load_config
 from gptjax.inference import decode
 from gptjax.model import models
 from gptjax.config_schema import ConfigError
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 EOS, PAD = 2, 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]]

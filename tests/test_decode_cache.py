@@ -11,6 +11,7 @@ from gptjax.inference import decode
 
 from gptjax.transfer import quantize
 
+from gptjax.model import ops
 from gptjax.model import weight_matmul
 from gptjax.config_schema import ConfigError
 from test_decode import GREEDY, PAD, gen, get
@@ -91,6 +92,7 @@ def test_int8_decoding_stays_within_tolerance_of_dequantized_float32():
 @pytest.mark.parametrize("m,k,n,transposed", [(1, 64, 200, True), (5, 33, 70, True),
                                               (16, 96, 129, False), (7, 100, 64, False)])
 def test_weight_matmul_matches_the_float_product(m, k, n, transposed):
+  """The plain int8 product, and on CPU the backend's int8 and float32 kernels, against numpy."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(n, k) if transposed else (k, n)), jnp.float32)
@@ -100,27 +102,20 @@ def test_weight_matmul_matches_the_float_product(m, k, n, transposed):
   scale = qt.scale.reshape(-1)
   ours = jax.jit(weight_matmul.matmul_int8, static_argnums=3)(x, qt.values, scale, transposed)
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-5)
+  if ops.resolve_kernels("auto") != "xla_cpu":
+    return  # the kernels below run only on a CPU backend where they build
+  from gptjax.backends.xla_cpu import weight_matmul as kernel  # pylint: disable=g-import-not-at-top
+  assert kernel.applies(x)
+  ours = jax.jit(kernel.matmul_int8, static_argnums=3)(x, qt.values, scale, transposed)
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-5)
   ref32 = np.asarray(x) @ (np.asarray(w).T if transposed else np.asarray(w))
-  with _perf("cpu_weight_matmul", True):
-    ours32 = jax.jit(weight_matmul.matmul_f32, static_argnums=2)(x, w, transposed)
-    g = jax.grad(lambda x, w: weight_matmul.matmul_f32(x, w, transposed).sum(), (0, 1))(x, w)
+  ours32 = jax.jit(kernel.matmul_f32, static_argnums=2)(x, w, transposed)
+  g = jax.grad(lambda x, w: kernel.matmul_f32(x, w, transposed).sum(), (0, 1))(x, w)
   np.testing.assert_allclose(np.asarray(ours32), ref32, atol=1e-4, rtol=1e-5)
   g_ref = jax.grad(lambda x, w: jnp.dot(x, w.T if transposed else w).sum(), (0, 1))(x, w)
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-5)
 
-
-class _perf:
-  def __init__(self, key, value):
-    from gptjax.backends.xla_cpu.fast_paths import PERF  # pylint: disable=g-import-not-at-top
-    self.perf, self.key, self.value = PERF, key, value
-
-  def __enter__(self):
-    self.old = self.perf[self.key]
-    self.perf[self.key] = self.value
-
-  def __exit__(self, *exc):
-    self.perf[self.key] = self.old
 
 
 @pytest.mark.parametrize("name,prompts,changes,needle", [

@@ -10,7 +10,7 @@ from conftest import load_config
 from gptjax.config_schema import ConfigError
 from gptjax.data import batch_spec
 from gptjax.model import family, models
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 from gptjax.training import objectives
 from gptjax.transfer import trainable
 

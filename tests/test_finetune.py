@@ -20,7 +20,7 @@ from gptjax.transfer import lora
 from gptjax.model import models
 from gptjax.transfer import quantize
 from gptjax.config_schema import ConfigError
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 
 def tiny(family: str, **changes) -> ModelConfig:

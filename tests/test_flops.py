@@ -6,11 +6,12 @@ import jax
 import pytest
 
 from conftest import load_config
-from gptjax.backends.xla_cpu import kernels as cpu_kernels
-from gptjax.backends.xla_cpu import fast_paths
 from gptjax.training import flops
 from gptjax.model import models
-from gptjax.model.layers import ModelConfig
+from gptjax.model import ops
+from gptjax.model.config import ModelConfig
+
+FULL_ATTENTION = "causal_blocks,cpu_weight_matmul"  # the count is of full attention
 
 
 def _counted_and_traced(family: str, seq_len: int, target_len: int, **changes):
@@ -32,9 +33,9 @@ def _counted_and_traced(family: str, seq_len: int, target_len: int, **changes):
     ("t5", 24, 40, {"activation": "gated_gelu"}),
     ("bart", 32, 8, {}),
 ])
-def test_flop_count_equals_traced_matmuls(family, seq_len, target_len, changes, monkeypatch):
-  monkeypatch.setitem(fast_paths.PERF, "causal_blocks", False)  # the count is of full attention
-  counted, traced = _counted_and_traced(family, seq_len, target_len, **changes)
+def test_flop_count_equals_traced_matmuls(family, seq_len, target_len, changes):
+  counted, traced = _counted_and_traced(family, seq_len, target_len, kernel_exclude=FULL_ATTENTION,
+                                        **changes)
   assert counted == traced
 
 
@@ -54,13 +55,14 @@ def test_traced_matmul_flops_counts_scan_bodies_per_iteration():
   assert flops.traced_matmul_flops(lambda x: jax.lax.scan(body, x, None, length=5)[0], x) == 5 * once
 
 
-@pytest.mark.parametrize("kernels", [False, True])
-def test_traced_matmul_flops_sees_into_the_cpu_kernels(kernels, monkeypatch):
-  """With gptjax's CPU attention kernels on or off, the traced count is the same."""
-  monkeypatch.setitem(fast_paths.PERF, "cpu_fused_attention", kernels)
-  monkeypatch.setitem(fast_paths.PERF, "cpu_head_matmul", kernels)
-  monkeypatch.setitem(fast_paths.PERF, "causal_blocks", False)
-  counted, traced = _counted_and_traced("gpt", 64, 0)
+@pytest.mark.parametrize("exclude", ["", "cpu_fused_attention", "cpu_fused_attention,cpu_head_matmul"])
+def test_traced_matmul_flops_sees_into_the_cpu_kernels(exclude):
+  """With the XLA:CPU backend's attention kernels on or off, the traced count is the same."""
+  if ops.resolve_kernels("auto") != "xla_cpu":
+    pytest.skip("the XLA:CPU kernels run only on a CPU backend where they build")
+  from gptjax.backends.xla_cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
+  counted, traced = _counted_and_traced("gpt", 64, 0, kernels="xla_cpu",
+                                        kernel_exclude=f"{FULL_ATTENTION},{exclude}".strip(","))
   assert counted == traced
   q = jax.numpy.ones((2, 8, 3, 4))
   for equation, y in (("blhd,bshd->bhls", q), ("bhls,bshd->blhd", jax.numpy.ones((2, 3, 8, 8))),
@@ -68,3 +70,19 @@ def test_traced_matmul_flops_sees_into_the_cpu_kernels(kernels, monkeypatch):
     args = (y, q) if equation.startswith("bhls") else (q, y)
     kernel = flops.traced_matmul_flops(lambda a, b: cpu_kernels.head_einsum(equation, a, b), *args)
     assert kernel == flops.traced_matmul_flops(lambda a, b: jax.numpy.einsum(equation, a, b), *args)
+
+
+def test_traced_count_of_causal_fused_attention_skips_the_kernels_blocks():
+  """The backend, not flops.py, knows the fused kernel's block: it counts what the kernel computes."""
+  if ops.resolve_kernels("auto") != "xla_cpu":
+    pytest.skip("the XLA:CPU kernels run only on a CPU backend where they build")
+  from gptjax.backends.xla_cpu import flops as kernel_flops  # pylint: disable=g-import-not-at-top
+  from gptjax.backends.xla_cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
+  b, l, h, d = 1, 96, 2, 8
+  q = jax.numpy.ones((b, l, h, d))
+  full = flops.traced_matmul_flops(lambda q: cpu_kernels.fused_attention(q, q, q, None, 1.0), q)
+  causal = flops.traced_matmul_flops(
+      lambda q: cpu_kernels.fused_attention(q, q, q, None, 1.0, causal=True), q)
+  assert full == 2 * 2.0 * b * h * d * l * l
+  blocks = l // kernel_flops.ATTENTION_BLOCK  # 3 query blocks see 1, 2 and 3 key blocks
+  assert causal == full * (blocks + 1) / (2 * blocks)

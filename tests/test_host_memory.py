@@ -1,4 +1,4 @@
-"""gptjax.backends.xla_cpu.host_memory: imported gptjax keeps XLA:CPU step buffers mapped between steps."""
+"""gptjax.backends.xla_cpu.host_memory: configure() keeps XLA:CPU step buffers mapped between steps."""
 
 import json
 import os
@@ -13,6 +13,7 @@ PROBE = r"""
 import functools, json, resource
 import gptjax
 from gptjax.backends.xla_cpu import host_memory
+host_memory.configure()  # as run.py does, before JAX starts its threads
 import jax, jax.numpy as jnp
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -48,7 +49,7 @@ def _probe(env_value):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not host_memory.applied(), reason="malloc settings not applied on this host")
+@pytest.mark.skipif(not host_memory.applies_here(), reason="malloc settings not applied on this host")
 def test_step_buffers_are_reused_instead_of_faulted_in():
   tuned = _probe(None)
   default = _probe("default")
@@ -56,3 +57,10 @@ def test_step_buffers_are_reused_instead_of_faulted_in():
   # glibc's default unmaps the 64 MiB temporaries after every step and faults them back in
   assert default["faults_per_step"] > 1000, default
   assert tuned["faults_per_step"] < default["faults_per_step"] / 10, (tuned, default)
+
+
+def test_importing_gptjax_leaves_malloc_alone():
+  code = "import gptjax, json; from gptjax.backends.xla_cpu import host_memory; print(host_memory.applied())"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       timeout=60)
+  assert out.stdout.strip() == "False"

@@ -14,7 +14,7 @@ from gptjax.inference import icl
 from gptjax.model import models
 from gptjax.data import tokenization
 from gptjax.config_schema import ConfigError
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -9,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, one_error_line, run_tiny_cli
 from gptjax import config_schema
-from gptjax.model import layers
+from gptjax.model import attention
 from gptjax.model import models
+from gptjax.model import ops
 from gptjax.model import positions
 from gptjax.analysis import param_summary as summary
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 FAMILIES = ("gpt", "bert", "t5", "bart")
 
@@ -259,30 +261,34 @@ def test_impossible_configs_fail_in_one_line_naming_the_field(field, value, need
   assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="kernels=xla_cpu runs on CPU only")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_performance_switches_keep_loss_and_gradients(family, monkeypatch):
-  """Every gptjax.model.layers.PERF fast path computes what the plain formulation computes."""
-  cfg = tiny(family)
-  params = init(cfg)
-  inputs = models.dummy_inputs(cfg, 2, 8)
-  inputs = {k: (v * 7 + 3) % 100 if "mask" not in k else v for k, v in inputs.items()}
+def test_xla_cpu_kernels_keep_loss_and_gradients(family):
+  """kernels=xla_cpu (every CPU trick, the C++ kernels) computes what kernels=xla computes."""
+  from gptjax.training import objectives  # pylint: disable=g-import-not-at-top
+  if ops.resolve_kernels("auto") != "xla_cpu":
+    pytest.skip("the XLA:CPU kernels do not build here")
+  params = init(tiny(family, kernels="xla"))
   key = "mlm_logits" if family == "bert" else "logits"
 
-  def loss_and_grads():
+  def loss_and_grads(kernels):
+    cfg = tiny(family, kernels=kernels)
     model = models.make_model(cfg)
+    inputs = models.dummy_inputs(cfg, 2, 8)
+    inputs = {k: (v * 7 + 3) % 100 if "mask" not in k else v for k, v in inputs.items()}
 
     def loss(p):
-      logits = model.apply({"params": p}, **inputs)[key].astype(jnp.float32)
+      logits = model.apply({"params": p}, **inputs)[key]
       targets = jnp.arange(logits.shape[0] * logits.shape[1]).reshape(logits.shape[:2]) % 50
-      return jnp.mean(jax.nn.logsumexp(logits, -1) -
-                      jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
+      total, count, _ = objectives.cross_entropy(logits, targets, jnp.ones(targets.shape),
+                                                 ops.ops_for(cfg))
+      return total / count
 
     return jax.jit(jax.value_and_grad(loss))(params)
 
-  fast_loss, fast_grads = loss_and_grads()
-  for name in layers.PERF:
-    monkeypatch.setitem(layers.PERF, name, False)
-  slow_loss, slow_grads = loss_and_grads()
+  # t5 and bart (relative position bias) run the per-head matmul kernel, gpt and bert the fused one
+  slow_loss, slow_grads = loss_and_grads("xla")
+  fast_loss, fast_grads = loss_and_grads("xla_cpu")
   np.testing.assert_allclose(fast_loss, slow_loss, rtol=1e-6)
   jax.tree_util.tree_map_with_path(
       lambda path, f, g: np.testing.assert_allclose(f, g, atol=1e-6, rtol=1e-4,
@@ -292,9 +298,10 @@ def test_performance_switches_keep_loss_and_gradients(family, monkeypatch):
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_causal_query_blocks_match_full_attention(kv_heads):
-  """Skipping the key blocks above the diagonal changes neither outputs nor gradients."""
+  """Skipping the key blocks above the diagonal (xla_cpu's causal_blocks) changes nothing."""
+  from gptjax.backends.xla_cpu import ops as xla_cpu_ops  # pylint: disable=g-import-not-at-top
   b, l, h, dh = 2, 256, 4, 16
-  assert layers.causal_query_blocks(l, l) == 4
+  assert xla_cpu_ops.causal_query_blocks(l, l) == 4
   ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (b, l, h, dh))
   k, v = (jax.random.normal(kk, (b, l, kv_heads, dh)) for kk in ks[1:3])
@@ -302,12 +309,95 @@ def test_causal_query_blocks_match_full_attention(kv_heads):
   mask = models.build_mask(None, True, l, segments)
   bias = positions.alibi_bias(jnp.arange(l), jnp.arange(l), h, True)
 
-  def attend(causal):
-    f = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, bias, dh ** -0.5, "einsum",
-                                                     causal=causal)
-    out, vjp = jax.vjp(f, q, k, v)
-    return out, vjp(jnp.cos(out))
+  def attend(blocked):
+    if blocked:
+      f = lambda q, k, v: xla_cpu_ops.blocked_causal_attention(  # noqa: E731
+          attention.einsum_attention, q, k, v, mask, bias, dh ** -0.5, 4)
+    else:
+      f = lambda q, k, v: attention.einsum_attention(q, k, v, mask, bias, dh ** -0.5)  # noqa: E731
+
+    def out_and_grads(q, k, v):
+      out, vjp = jax.vjp(f, q, k, v)
+      return out, vjp(jnp.cos(out))
+
+    return jax.jit(out_and_grads)(q, k, v)
 
   np.testing.assert_allclose(attend(True)[0], attend(False)[0], atol=1e-5)
   for blocked, full in zip(attend(True)[1], attend(False)[1]):
     np.testing.assert_allclose(blocked, full, atol=1e-5)
+
+
+def test_model_config_fields_and_defaults_are_base_config_model():
+  """ModelConfig has exactly config.model's fields and defaults; `auto` is resolved once."""
+  base = config_schema.base_config().model.to_dict()
+  cfg = ModelConfig()
+  assert {f.name for f in dataclasses.fields(ModelConfig)} == set(base)
+  for name, value in base.items():
+    if name != "kernels":
+      assert getattr(cfg, name) == value, name
+  assert base["kernels"] == "auto" and cfg.kernels in ("xla", "xla_cpu")
+  assert cfg.kernels == ops.resolve_kernels("auto")
+
+
+def test_model_config_refuses_unknown_keys_and_kernels():
+  config = load_config("gpt", "tiny")
+  with config.unlocked():
+    config.model.nmu_layers = 2
+  with pytest.raises(config_schema.ConfigError, match="config.model.nmu_layers is not"):
+    ModelConfig.from_config(config.model)
+  for field, value in (("model.kernels", "cuda"), ("model.kernel_exclude", "flat_dense,fast")):
+    with pytest.raises(config_schema.ConfigError) as e:
+      config_schema.validate(load_config("gpt", "tiny", **{field: value}))
+    assert f"config.{field}" in str(e.value) and "\n" not in str(e.value)
+  with pytest.raises(config_schema.ConfigError, match="cuda"):
+    ModelConfig(kernels="cuda")
+
+
+def test_no_module_outside_backends_imports_a_backend():
+  """`import gptjax` and every module outside gptjax/backends load nothing from gptjax.backends."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = """
+import importlib, pathlib, sys
+import gptjax
+root = pathlib.Path(gptjax.__file__).parent
+for path in sorted(root.rglob("*.py")):
+  name = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+  if not name.startswith("gptjax.backends"):
+    importlib.import_module(name)
+print(sorted(m for m in sys.modules if m.startswith("gptjax.backends")))
+"""
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_cpu_training_with_kernels_xla_loads_no_backend(data_cache, tmp_path, monkeypatch):
+  """A tiny CPU training run with --config.model.kernels=xla imports nothing from gptjax.backends."""
+  monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # every import, one line each on stderr
+  code, _, err = run_tiny_cli(data_cache, f"--workdir={tmp_path / 'w'}", "--config.train.steps=2",
+                              "--config.train.eval_every=0", "--config.model.kernels=xla")
+  assert code == 0, err[-2000:]
+  assert "gptjax.model.ops" in err and "gptjax.backends" not in err
+  monkeypatch.delenv("PYTHONPROFILEIMPORTTIME")
+  code, _, err = run_tiny_cli(data_cache, f"--workdir={tmp_path / 'bad'}", "--config.model.kernels=cuda")
+  assert code == 2 and "config.model.kernels='cuda'" in one_error_line(err)
+
+
+def test_without_the_kernels_auto_warns_once_and_xla_cpu_is_one_error_line(data_cache, tmp_path,
+                                                                           monkeypatch):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("GPTJAX_NO_CPU_KERNELS", "1")
+  code = ("from gptjax.model.config import ModelConfig; "
+          "print(ModelConfig().kernels, ModelConfig(num_layers=1).kernels)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert r.stdout.split() == ["xla", "xla"], r.stderr[-2000:]
+  if jax.default_backend() == "cpu":
+    assert [l for l in r.stderr.splitlines() if l.strip()] == [
+        "warning: gptjax's XLA:CPU kernels are unavailable (GPTJAX_NO_CPU_KERNELS is set); "
+        "running config.model.kernels=xla"]
+    rc, _, err = run_tiny_cli(data_cache, f"--workdir={tmp_path / 'w'}", "--config.model.kernels=xla_cpu")
+    assert rc == 2 and "use --config.model.kernels=xla" in one_error_line(err)

@@ -19,7 +19,7 @@ from gptjax.training import objectives
 
 from gptjax.training import preference
 from gptjax.config_schema import ConfigError
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 IMDB = os.path.join(os.environ["GPTJAX_RAW_DIR"], "imdb", "train_subset.jsonl")
 

@@ -287,7 +287,7 @@ def test_training_and_generate_print_no_library_warnings(trained, data_cache):
 def test_icl_reports_prompts_cut_to_the_context(trained):
   from gptjax.inference import icl  # pylint: disable=g-import-not-at-top
   from gptjax.model import models
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   config, params, tokenizer = checkpointing.restore_for_inference(str(trained[0]))
   model = models.make_model(ModelConfig.from_config(config.model))
   raw = str(REPO.parent / "shared" / "data")

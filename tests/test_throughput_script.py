@@ -38,17 +38,17 @@ def test_tiny_gpt_and_t5_rows_with_breakdown(tmp_path):
 
 def test_ab_reports_both_timings_and_rejects_unknown_switch(tmp_path):
   out = tmp_path / "ab.jsonl"
-  result = _run("--families=gpt", "--variants=tiny", "--steps=1", "--ab=mha_4d,donate_state",
+  result = _run("--families=gpt", "--variants=tiny", "--steps=1", "--ab=softmax_vjp,donate_state",
                 f"--output={out}")
   assert result.returncode == 0, result.stderr[-3000:]
-  line = next(ln for ln in result.stdout.splitlines() if ln.startswith("| gpt:tiny | mha_4d |"))
+  line = next(ln for ln in result.stdout.splitlines() if ln.startswith("| gpt:tiny | softmax_vjp |"))
   assert "x |" in line
   rows = {r["switch"]: r for r in map(json.loads, out.read_text().splitlines())}
   donated = rows["donate_state"]
   assert donated["on_buffers_mib"] < donated["off_buffers_mib"]  # the new state reuses the old one's
   bad = _run("--families=gpt", "--variants=tiny", "--ab=no_such_switch")
   assert bad.returncode != 0
-  assert "--ab=no_such_switch is not a switch" in bad.stderr.strip().splitlines()[-1]
+  assert "--ab=no_such_switch is not an xla_cpu trick" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_cpu_microbench_prints_its_figures_and_rejects_unknown_names():

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, load_config
 from gptjax.model import models
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 pytest.importorskip("torch")
 sys.path.insert(0, str(REPO / "experiments"))

@@ -204,7 +204,7 @@ def test_pair_objectives_fit_one_real_batch(objective):
   from gptjax.training import sharding
   from gptjax.data import tokenization
   from gptjax.training import train_step
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   config = load_config("bert", "tiny", **{"objective": objective, "data.corpus": "wikitext2",
                                           "data.sop": objective == "sop", "train.learning_rate": 3e-3,
                                           "train.warmup_steps": 2, "model.dropout_rate": 0.0,

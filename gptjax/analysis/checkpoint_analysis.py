@@ -43,7 +43,7 @@ from gptjax.training import objectives
 
 from gptjax.model import positions
 from gptjax.config_schema import ConfigError
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 DEFAULT_SENTENCE = "The quick brown fox jumps over the lazy dog, and the dog sleeps on."
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from gptjax.model import models
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 
 def param_shapes(cfg: ModelConfig, seq_len: int = 8) -> Any:

@@ -1,7 +1,7 @@
 """`run.py --mode=summary`: the per-module parameter table of a config, nothing allocated."""
 
 from gptjax.analysis import param_summary as summary
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 
 def main(config, workdir, flag_values) -> None:

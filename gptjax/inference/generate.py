@@ -20,7 +20,7 @@ from gptjax.inference import decode
 from gptjax.model import family as model_family
 from gptjax.model import models
 from gptjax.config_schema import ConfigError
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 
 def decoder_start_id(config, tokenizer) -> int:

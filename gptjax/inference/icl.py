@@ -161,7 +161,7 @@ def main(config, workdir: str, flag_values) -> None:
   """`run.py --mode=icl`: k-shot SST-2 accuracy of WORKDIR's checkpoint on the dev split."""
   from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from gptjax.inference import generate as generate_cli
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   shots = parse_shots(getattr(flag_values, "shots", "0,1,4"))
   n = int(getattr(flag_values, "icl_examples", 200))
   if n < 1:

@@ -132,7 +132,7 @@ def load_model(config, workdir: str = ""):
   if not source:
     raise ConfigError("--mode=embed needs config.init_from=hf:DIR (or a gptjax workdir) or --workdir")
   from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   try:
     run_config, params, tokenizer = checkpointing.restore_for_inference(source)
   except FileNotFoundError as e:

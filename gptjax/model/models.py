@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from gptjax.model import layers
 
 from gptjax.model import positions
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
+from gptjax.model.ops import ops_for
 
 Array = jax.Array
 
@@ -79,7 +80,7 @@ class Stack(nn.Module):
     x = x_BxLxD
     if cfg.position == "learned":
       x = x + layers.Embed(cfg.max_len + cfg.position_offset, d, cfg.init_std, cfg.compute_dtype,
-                           ("length", "embed"), name="pos_embed")(positions_BxL + cfg.position_offset)
+                           ("length", "embed"), ops_for(cfg), name="pos_embed")(positions_BxL + cfg.position_offset)
     elif cfg.position == "sinusoidal":
       x = x + positions.sinusoidal_embedding(positions_BxL, d).astype(x.dtype)
     if cfg.embed_norm:
@@ -105,19 +106,19 @@ class Stack(nn.Module):
       layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat],
                            prevent_cse=not cfg.scan_layers)
     args = (encoded_BxSxD, self_mask, cross_mask, bias, positions_BxL, input_mask_BxL)
-    # blocked causal attention needs a mask hiding every later key: not with a prefix (it sees
-    # keys after the query) nor when decoding (the cache builds its own mask)
-    causal = self.causal and prefix_mask_BxL is None and not decode
+    # the mask hides every later key: not with a prefix (it sees keys after the query) nor when
+    # decoding (the cache builds its own mask); a backend may skip the hidden key blocks
+    mask_is_causal = self.causal and prefix_mask_BxL is None and not decode
     if cfg.scan_layers:
       scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, self.has_cross, decode, deterministic, causal, cache_len,
+      x, _ = scanned(cfg, self.has_cross, decode, deterministic, mask_is_causal, cache_len,
                      name="layers")(x, *args)
     else:
       for i in range(self.num_layers):
-        x, _ = layer_cls(cfg, self.has_cross, decode, deterministic, causal, cache_len,
+        x, _ = layer_cls(cfg, self.has_cross, decode, deterministic, mask_is_causal, cache_len,
                          name=f"layers_{i}")(x, *args)
     if cfg.norm_position == "pre" and cfg.final_norm:
       x = layers.make_norm(cfg, "final_norm")(x)
@@ -140,12 +141,12 @@ def pool(h_BxLxD: Array, input_mask_BxL: Optional[Array], how: str) -> Array:
 
 def _token_embed(cfg: ModelConfig) -> layers.Embed:
   return layers.Embed(cfg.vocab_size, cfg.embed_dim, cfg.init_std, cfg.compute_dtype,
-                      name="token_embed")
+                      ops=ops_for(cfg), name="token_embed")
 
 
 def _dense(cfg: ModelConfig, out: int, axes, name: str, use_bias: bool = True) -> layers.Dense:
   return layers.Dense((cfg.embed_dim,), (out,), axes, cfg.init_std, use_bias, cfg.compute_dtype,
-                      name=name)
+                      ops_for(cfg), name=name)
 
 
 class EncoderOnly(nn.Module):

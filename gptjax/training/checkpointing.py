@@ -202,7 +202,7 @@ def restore_for_inference(workdir: str):
   """(config, params, tokenizer) from the latest checkpoint of `workdir`, params unsharded float32."""
   from gptjax.transfer import trainable as finetune_state  # pylint: disable=g-import-not-at-top
   from gptjax.data import tokenization
-  from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(checkpoint_dir(workdir)) or not os.listdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f"no checkpoint in {workdir}; train first with --mode=train "
                             f"--workdir={workdir}")

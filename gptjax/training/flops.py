@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.model import family as model_family
-from gptjax.model.layers import ModelConfig
+from gptjax.model import ops
+from gptjax.model.config import ModelConfig
 
 
 def _layer_forward_flops(cfg: ModelConfig, kv_len: int, cross_len: int = 0) -> float:
@@ -80,7 +81,7 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
           lhs_shape[i] for i in lhs_contract)
       continue
     if eqn.primitive.name == "ffi_call":
-      total += _kernel_matmul_flops(eqn)
+      total += ops.custom_call_matmul_flops(eqn)  # the backend counts its kernels' products
       continue
     inner = [_jaxpr_matmul_flops(j) for j in _sub_jaxprs(eqn.params.values())]
     if eqn.primitive.name == "cond":
@@ -88,26 +89,6 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
     else:
       total += sum(inner) * eqn.params.get("length", 1)
   return total
-
-
-def _kernel_matmul_flops(eqn) -> float:
-  """The products inside gptjax's CPU kernels (gptjax/backends/xla_cpu/kernels.py), as they compute them."""
-  target, attrs = eqn.params["target_name"], dict(eqn.params.get("attributes", ()))
-  shapes = [v.aval.shape for v in eqn.invars]
-  if target == "gptjax_head_matmul":  # a [B, H] batch of (M x K) @ (K x N), operands rank 4
-    a, out = shapes[0], eqn.outvars[0].aval.shape
-    rows = a[2] if attrs["a_heads_major"] else a[1]  # A's matrix is (rows, a[3]) in memory
-    return 2.0 * math.prod(out) * (rows if attrs["a_trans"] else a[3])
-  if target in ("gptjax_attention_fwd", "gptjax_attention_bwd"):  # q [B, L, H, D], k [B, S, H, D]
-    (b, l, h, d), s = shapes[0], shapes[1][1]
-    if attrs.get("causal"):  # key blocks above the diagonal are skipped (csrc/attention.cc)
-      block = 32
-      pairs = sum(min(block, l - r0) * min(s, r0 + block) for r0 in range(0, l, block))
-    else:
-      pairs = l * s
-    per_pair = 2 if target == "gptjax_attention_fwd" else 4  # products of d multiply-adds
-    return 2.0 * b * h * d * pairs * per_pair
-  return 0.0
 
 
 def _sub_jaxprs(values):

@@ -19,22 +19,19 @@ import jax.numpy as jnp
 from gptjax.data import batch_spec
 from gptjax.model import family as model_family
 
-from gptjax.backends.xla_cpu import kernels as cpu_kernels
-from gptjax.backends.xla_cpu.fast_paths import PERF
+from gptjax.model.ops import XLA, Ops, ops_for
 
 Array = jax.Array
 Terms = dict[str, tuple[Array, Array]]
 
 
-def cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array):
-  """Weighted token cross-entropy in float32: (sum of losses, sum of weights, correct count)."""
+def cross_entropy(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array, ops: Ops = XLA):
+  """Weighted token cross-entropy in float32: (sum of losses, sum of weights, correct count).
+
+  `ops` (gptjax.model.ops) computes the log-partition; pass the model's, `ops_for(model.cfg)`.
+  """
   logits = logits_BxLxV.astype(jnp.float32)
-  if PERF["cpu_cross_entropy"] and cpu_kernels.rows_kernel_applies(logits):
-    log_z, target_logit, max_BxL = cpu_kernels.log_z_and_target(logits, targets_BxL)
-  else:
-    max_BxL = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-    log_z = max_BxL + jnp.log(jnp.sum(jnp.exp(logits - max_BxL[..., None]), axis=-1))
-    target_logit = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  log_z, target_logit, max_BxL = ops.log_z_and_target(logits, targets_BxL)
   w = weights_BxL.astype(jnp.float32)
   # the max the loss needs anyway, instead of a second pass for argmax (an exact tie counts as
   # correct; argmax would pick the lowest id)
@@ -47,8 +44,8 @@ def _apply(model, params, rng, deterministic, **kwargs):
   return model.apply({"params": params}, **kwargs, deterministic=deterministic, rngs=rngs)
 
 
-def _token_terms(prefix: str, logits, targets, weights) -> Terms:
-  loss_sum, count, correct = cross_entropy(logits, targets, weights)
+def _token_terms(model, prefix: str, logits, targets, weights) -> Terms:
+  loss_sum, count, correct = cross_entropy(logits, targets, weights, ops_for(model.cfg))
   return {f"{prefix}_loss": (loss_sum, count), f"{prefix}_accuracy": (correct, count)}
 
 
@@ -57,21 +54,21 @@ def next_token(model, params, batch, rng, deterministic) -> Terms:
   out = _apply(model, params, rng, deterministic, inputs=batch["inputs"],
                positions=batch["positions"], segment_ids=batch["segment_ids"],
                input_mask=batch["segment_ids"] > 0)
-  return _token_terms("lm", out["logits"], batch["targets"], batch["weights"])
+  return _token_terms(model, "lm", out["logits"], batch["targets"], batch["weights"])
 
 
 def prefix_lm(model, params, batch, rng, deterministic) -> Terms:
   """Bidirectional attention over the prefix, loss on the suffix only."""
   out = _apply(model, params, rng, deterministic, inputs=batch["inputs"],
                prefix_mask=batch["prefix_mask"], input_mask=batch["input_mask"])
-  return _token_terms("lm", out["logits"], batch["targets"], batch["weights"])
+  return _token_terms(model, "lm", out["logits"], batch["targets"], batch["weights"])
 
 
 def instruction(model, params, batch, rng, deterministic) -> Terms:
   """Instruction tuning: causal LM over prompt + response, loss on the response tokens only."""
   out = _apply(model, params, rng, deterministic, inputs=batch["inputs"],
                input_mask=batch["input_mask"])
-  return _token_terms("lm", out["logits"], batch["targets"], batch["weights"])
+  return _token_terms(model, "lm", out["logits"], batch["targets"], batch["weights"])
 
 
 def _encoder(model, params, batch, rng, deterministic):
@@ -92,7 +89,7 @@ def _pair_terms(out, batch, name: str) -> Terms:
 def mlm(model, params, batch, rng, deterministic) -> Terms:
   """Masked LM on the chosen positions."""
   out = _encoder(model, params, batch, rng, deterministic)
-  return _token_terms("mlm", out["mlm_logits"], batch["targets"], batch["weights"])
+  return _token_terms(model, "mlm", out["mlm_logits"], batch["targets"], batch["weights"])
 
 
 def nsp(model, params, batch, rng, deterministic) -> Terms:
@@ -108,7 +105,7 @@ def sop(model, params, batch, rng, deterministic) -> Terms:
 def mlm_nsp(model, params, batch, rng, deterministic) -> Terms:
   """BERT pre-training: masked LM plus next-sentence prediction in one forward pass."""
   out = _encoder(model, params, batch, rng, deterministic)
-  terms = _token_terms("mlm", out["mlm_logits"], batch["targets"], batch["weights"])
+  terms = _token_terms(model, "mlm", out["mlm_logits"], batch["targets"], batch["weights"])
   terms.update(_pair_terms(out, batch, "nsp"))
   return terms
 
@@ -117,7 +114,7 @@ def seq2seq(model, params, batch, rng, deterministic) -> Terms:
   """Encoder-decoder token loss: T5 span corruption and BART denoising share it."""
   out = _apply(model, params, rng, deterministic, enc_inputs=batch["enc_inputs"],
                enc_mask=batch["enc_mask"], dec_inputs=batch["dec_inputs"])
-  return _token_terms("span", out["logits"], batch["dec_targets"], batch["dec_weights"])
+  return _token_terms(model, "span", out["logits"], batch["dec_targets"], batch["dec_weights"])
 
 
 def classification(model, params, batch, rng, deterministic) -> Terms:

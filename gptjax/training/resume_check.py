@@ -32,7 +32,7 @@ SAFE_PREFIXES = (
     # where files are, not what they hold (the data fingerprint guards their content)
     "data.raw_dir", "data.tfds_data_dir", "data.eval_batch_size",
     # how a layer is computed, not what it computes
-    "model.remat", "model.attention_impl",
+    "model.remat", "model.attention_impl", "model.kernels", "model.kernel_exclude",
 )
 # Fields older checkpoints saved that no longer exist (they never changed what a run computed).
 REMOVED_FIELDS = ("data.pack", "data.num_workers")

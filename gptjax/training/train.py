@@ -15,7 +15,7 @@ import numpy as np
 from gptjax import config_schema
 from gptjax.config_schema import ConfigError
 from gptjax.model import models
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 from gptjax.training import (checkpointing, objectives, resume_check, run_records, sharding,
                              train_step, trainer, workdir_guard)
 from gptjax.training.trainer import NonFiniteLoss, evaluate_params  # pylint: disable=unused-import

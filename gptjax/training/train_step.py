@@ -12,14 +12,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax.backends.xla_cpu import fast_paths
-
 from gptjax.model import models
+from gptjax.model.ops import XLA, Ops
 
 from gptjax.training import objectives
 
 from gptjax.training import sharding
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 
 @flax.struct.dataclass
@@ -51,11 +50,15 @@ def decay_mask(params) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(train_cfg, trainable_mask: Optional[Any] = None) -> optax.GradientTransformation:
-  """AdamW with clipping and a decay mask; frozen leaves (mask False) get no state and no update."""
+def make_optimizer(train_cfg, trainable_mask: Optional[Any] = None,
+                   ops: Ops = XLA) -> optax.GradientTransformation:
+  """AdamW with clipping and a decay mask; frozen leaves (mask False) get no state and no update.
+
+  `ops` (the model's, gptjax.model.ops.ops_for) supplies the clipping.
+  """
   clip = train_cfg.grad_clip
   tx = optax.chain(
-      fast_paths.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
+      ops.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
       optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                   weight_decay=train_cfg.weight_decay, mask=decay_mask))
   if trainable_mask is None:

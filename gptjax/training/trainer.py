@@ -24,7 +24,7 @@ import tqdm
 
 from gptjax import config_schema
 from gptjax.model import models
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 from gptjax.training import flops, objectives, peak_flops, run_records, sharding, train_step
 from gptjax.transfer import trainable as finetune_state
 

@@ -23,7 +23,7 @@ from gptjax.config_schema import ConfigError
 from gptjax.transfer import hf_config
 # model_overrides is read as hf_import.model_overrides by callers
 from gptjax.transfer.hf_config import model_overrides  # noqa: F401
-from gptjax.model.layers import ModelConfig
+from gptjax.model.config import ModelConfig
 
 HEAD_PARAMS = ("pooler", "nsp_head", "classifier", "mlm_transform", "mlm_norm", "mlm_bias", "lm_head")
 _PREFIXES = ("", "bert.", "transformer.", "model.", "roberta.")

@@ -21,6 +21,8 @@ import optax
 
 from gptjax.config_schema import ConfigError
 from gptjax.model import family as model_family
+from gptjax.model.config import ModelConfig
+from gptjax.model.ops import ops_for
 from gptjax.training import train_step
 from gptjax.transfer import lora
 
@@ -104,7 +106,8 @@ def optimizer_mask(config, params) -> Optional[Any]:
 
 def make_optimizer(config, params) -> Any:
   """AdamW for the trainable part of `params` (abstract or concrete, unboxed)."""
-  return train_step.make_optimizer(config.train, optimizer_mask(config, params))
+  ops = ops_for(ModelConfig.from_config(config.model))
+  return train_step.make_optimizer(config.train, optimizer_mask(config, params), ops)
 
 
 def add_lora(config, base_params, rng) -> dict:

@@ -21,7 +21,7 @@ from conftest import load_config  # pylint: disable=g-import-not-at-top
 from gptjax.model import models  # pylint: disable=g-import-not-at-top
 from gptjax.training import sharding
 from gptjax.training import train_step
-from gptjax.model.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
 
 B, L, STEPS = 8, 32, 4
 

@@ -1,9 +1,9 @@
-"""Custom-gradient building blocks behind gptjax.model.layers' fast paths, and the switches for them.
+"""Graph rewrites (custom gradients, reshapes) that XLA:CPU runs faster than the plain formulation.
 
-Each fast path computes what the plain formulation computes (tests/test_models.py checks loss and
-gradients with every switch off) but gives XLA:CPU a graph it runs faster; what each one bought
-is measured in experiments/PERFORMANCE.md. `PERF` is read at trace time: flipping a switch and
-re-tracing restores the plain formulation (experiments/throughput.py --slow_path / --ab).
+Each computes what gptjax's plain `xla` ops compute (tests/test_models.py checks loss and
+gradients of kernels=xla_cpu against kernels=xla); what each one bought on CPU is measured in
+experiments/PERFORMANCE.md. None was measured on GPU or TPU, so only the xla_cpu ops use them
+(gptjax/backends/xla_cpu/ops.py), each one a trick that config.model.kernel_exclude can turn off.
 """
 
 from __future__ import annotations
@@ -15,29 +15,6 @@ import jax.numpy as jnp
 import optax
 
 Array = jax.Array
-
-# Performance switches, read at trace time, for A/B measurements (experiments/PERFORMANCE.md).
-# The defaults are the fast path; flipping one restores the slow path it replaced.
-PERF = {
-    "flat_dense": True,              # Dense as one 2-D matmul (see flat_matmul)
-    "residual_grad_barrier": True,   # materialise the residual gradient per block on XLA:CPU
-    "attend_transposed": True,       # tied output layer as x @ E^T with E^T as a [D, V] kernel
-    "softmax_vjp": True,             # attention softmax with the closed-form backward
-    "bias_grad_matvec": True,        # bias gradients as ones @ g instead of a reduce (add_bias)
-    "mha_4d": True,                  # multi-head attention einsums without the size-1 group axis
-    "causal_blocks": True,           # causal self-attention skips key blocks above the diagonal
-    "clip_as_scale": True,           # gradient clipping as one scalar factor (clip_by_global_norm)
-    "cpu_head_matmul": True,         # attention matmuls through gptjax.backends.xla_cpu.kernels on XLA:CPU
-    "cpu_fused_attention": True,     # attention without bias or dropout as one XLA:CPU kernel
-    "cpu_norm": True,                # LayerNorm/RMSNorm as one XLA:CPU kernel per direction
-    "cpu_bias_gelu": True,           # the MLP's bias add and GELU as one XLA:CPU kernel
-    "cpu_cross_entropy": True,       # the loss's log-partition as one XLA:CPU kernel
-    # float32 products of <= 64 rows (decoding steps) through csrc/weight_matmul.cc; off: no
-    # measurable gain over XLA's dot where both are bound by memory bandwidth (int8 weights
-    # always use that kernel)
-    "cpu_weight_matmul": False,
-}
-
 
 @jax.custom_vjp
 def residual_grad_barrier(x: Array) -> Array:
@@ -105,7 +82,7 @@ _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 def add_bias(x: Array, bias: Array) -> Array:
   """x + bias, where bias broadcasts over x's leading axes (its own leading axes may be 1)."""
   trailing = _broadcast_shape(bias)
-  if (not PERF["bias_grad_matvec"] or bias.ndim > x.ndim or
+  if (bias.ndim > x.ndim or
       tuple(x.shape[x.ndim - len(trailing):]) != trailing):
     return x + bias.astype(x.dtype)
   return _add_bias(x, bias)
@@ -156,8 +133,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   reference = optax.clip_by_global_norm(max_norm)
 
   def update_fn(updates, state, params=None):
-    if not PERF["clip_as_scale"]:
-      return reference.update(updates, state, params)
+    del params
     norm = optax.tree.norm(updates)
     scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state

@@ -10,9 +10,9 @@ page faults once the heap has grown to its working size (the first few steps), a
 about 20% faster (experiments/PERFORMANCE.md). The price is a higher resident set: freed memory
 is kept by the process for its next step instead of being returned.
 
-`configure()` runs once when gptjax is imported. It must run before JAX starts its CPU threads
-(a thread that already has an arena keeps it), so scripts import gptjax before running any JAX
-computation. It changes nothing on hosts with a GPU or TPU device node, off Linux/glibc, or when
+Entry points call `configure()` (run.py, and the experiment scripts that train), importing
+gptjax changes nothing. It must run before JAX starts its CPU threads (a thread that already has
+an arena keeps it), so before any JAX computation. It changes nothing on hosts with a GPU or TPU device node, off Linux/glibc, or when
 GPTJAX_HOST_MALLOC=default.
 """
 
@@ -38,15 +38,19 @@ def _has_accelerator() -> bool:
               or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def applies_here() -> bool:
+  """Whether `configure()` would change this process's malloc (a CPU-only Linux/glibc host)."""
+  return (os.environ.get(ENV_VAR, "") != "default" and platform.system() == "Linux" and
+          platform.libc_ver()[0] == "glibc" and not _has_accelerator())
+
+
 def configure() -> bool:
   """Applies the malloc settings once per process; True when they are in effect."""
   global _applied
   if _applied is not None:
     return _applied
   _applied = False
-  if os.environ.get(ENV_VAR, "") == "default":
-    return False
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or _has_accelerator():
+  if not applies_here():
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
