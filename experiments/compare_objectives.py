@@ -14,7 +14,6 @@ several sessions. Finished stages are skipped on re-run.
 """
 
 import glob
-import importlib.util
 import json
 import os
 import pathlib
@@ -28,8 +27,9 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import compare_objectives_report as report  # pylint: disable=g-import-not-at-top  (experiments/)
-import finished_runs  # pylint: disable=g-import-not-at-top  (experiments/, next to this file)
+from experiments import compare_objectives_report as report  # pylint: disable=g-import-not-at-top
+from experiments import finished_runs  # pylint: disable=g-import-not-at-top
+from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "cpu", ["smoke", "cpu"], "smoke: tests; cpu: ~8 h in 21 resumable units.")
@@ -85,21 +85,6 @@ PRESETS = {
 }
 
 
-def load_config(family: str, variant: str, overrides: dict):
-  """configs/<family>.py:<variant> with dotted overrides applied."""
-  spec = importlib.util.spec_from_file_location(f"cfg_{family}", REPO / "configs" / f"{family}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(variant)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
 def _quiet(c, steps: int, eval_steps: int):
   c.train.steps = steps
   c.train.warmup_steps = max(1, steps // 10)
@@ -128,7 +113,7 @@ def pretrain_config(arm: str, preset: dict, seed: int):
     overrides.update(LAYERS[family])
   if family in ("t5", "bart"):
     overrides["data.target_len"] = preset["seq_len"] // 4 if family == "t5" else preset["seq_len"]
-  c = load_config(family, preset["variant"], overrides)
+  c = load_config(family, preset["variant"], **overrides)
   cfg = ModelConfig.from_config(c.model)
   target = c.data.target_len if family in ("t5", "bart") else 0
   budget = FLAGS.budget or preset["budget"]
@@ -163,7 +148,7 @@ def finetune_config(arm: str, preset: dict, seed: int, init_from: str, trainable
     overrides["data.target_len"] = 1
   # eval_steps 0: the whole sst2 dev split (872 sentences) for the smoke-free presets.
   eval_steps = preset["eval_steps"] if FLAGS.preset == "smoke" else 0
-  return _quiet(load_config(family, preset["variant"], overrides), steps, eval_steps)
+  return _quiet(load_config(family, preset["variant"], **overrides), steps, eval_steps)
 
 
 def run_once(config, workdir: str, label: str) -> dict:

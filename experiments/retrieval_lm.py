@@ -55,8 +55,7 @@ PRESETS = {
 
 def lm_config(p: dict):
   """The GPT config trained on wikitext2 (the same for every rerun, so it resumes)."""
-  sys.path.insert(0, str(REPO / "tests"))
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
   c = load_config("gpt", p["variant"])
   c.seed = FLAGS.seed
   c.data.corpus = "wikitext2"

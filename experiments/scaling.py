@@ -33,14 +33,13 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "experiments"))
-# submitit's workers unpickle sweep.train_run by module name: they need experiments/ on their path
+# submitit's workers unpickle experiments.sweep.train_run by module name: they need the repo root
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(REPO / "experiments"), str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
-import scaling_fit  # pylint: disable=g-import-not-at-top,wrong-import-position
-import scaling_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
-import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position  (its launcher flags)
+from experiments import scaling_fit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import scaling_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS

@@ -30,10 +30,10 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("GPTJAX_RAW_DIR", str(REPO.parent / "shared" / "data"))
 
-import finished_runs  # pylint: disable=g-import-not-at-top  (experiments/, next to this file)
+from experiments import finished_runs  # pylint: disable=g-import-not-at-top
+from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "full", ["full", "smoke"], "full: minutes to hours; smoke: seconds.")
@@ -57,7 +57,6 @@ PRESETS = {
 
 
 def _config(family: str, variant: str):
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
   return load_config(family, variant)
 
 

@@ -41,8 +41,7 @@ sys.path.insert(0, str(REPO))
 from gptjax import config_schema  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-sys.path.insert(0, str(REPO / "experiments"))
-from sweep_registry import REGISTRY, Registry, write_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.sweep_registry import REGISTRY, Registry, write_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/gpt.py:tiny", "Base config, FILE:VARIANT.")
