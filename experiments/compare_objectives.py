@@ -14,7 +14,6 @@ several sessions. Finished stages are skipped on re-run.
 """
 
 import glob
-import importlib.util
 import json
 import os
 import pathlib
@@ -28,8 +27,9 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import compare_objectives_report as report  # pylint: disable=g-import-not-at-top  (experiments/)
-import finished_runs  # pylint: disable=g-import-not-at-top  (experiments/, next to this file)
+from experiments import compare_objectives_report as report  # pylint: disable=g-import-not-at-top
+from experiments import finished_runs  # pylint: disable=g-import-not-at-top
+from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "cpu", ["smoke", "cpu"], "smoke: tests; cpu: ~8 h in 21 resumable units.")
@@ -70,43 +70,34 @@ LAYERS = {"bert": {"model.num_layers": 4, **PRE_LN},
           "t5": {"model.num_layers": 2, "model.num_decoder_layers": 2},
           "bart": {"model.num_layers": 2, "model.num_decoder_layers": 2, "model.mlp_dim": 960,
                    **PRE_LN}}
+# The smoke preset's bodies: one layer (and one decoder layer), so each compile is short.
+SMOKE_LAYERS = {"bert": {"model.num_layers": 1}, "gpt": {"model.num_layers": 1},
+                "t5": {"model.num_layers": 1, "model.num_decoder_layers": 1},
+                "bart": {"model.num_layers": 1, "model.num_decoder_layers": 1}}
 PRESETS = {
     # tests: the first documents of enwiki2015 and of sst2, a few steps of each stage
     "smoke": dict(budget=8 * 32 * 6, seeds=[0], seq_len=32, batch=8, ft_steps=6, ft_batch=8,
                   ft_lr=1e-3, probe_train=64, probe_dev=64, eval_steps=2, variant="tiny", body={},
+                  layers=SMOKE_LAYERS, ckpt_every=3,
                   max_docs=20, ft_max_docs=200, lr=1e-3, dropout=None, unigram_examples=64),
     # ~20-25 min per (arm, seed) unit on 2 cores: 4.2M input tokens of pre-training (1024 steps
     # of 32 x 128), then sst2 fine-tuning with the recipe that reaches ~0.79 from scratch
     # (seq 64, batch 32, lr 5e-4, 600 steps, 10% warm-up), judged on all 872 dev sentences
     "cpu": dict(budget=32 * 128 * 1024, seeds=[0, 1, 2], seq_len=128, batch=32, ft_steps=600,
                 ft_batch=32, ft_lr=5e-4, probe_train=2000, probe_dev=0, eval_steps=20,
-                variant="small", body=BODY, max_docs=0, ft_max_docs=0, lr=1e-3, dropout=0.0,
-                unigram_examples=2000),
+                variant="small", body=BODY, layers=LAYERS, ckpt_every=0, max_docs=0,
+                ft_max_docs=0, lr=1e-3, dropout=0.0, unigram_examples=2000),
 }
 
 
-def load_config(family: str, variant: str, overrides: dict):
-  """configs/<family>.py:<variant> with dotted overrides applied."""
-  spec = importlib.util.spec_from_file_location(f"cfg_{family}", REPO / "configs" / f"{family}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(variant)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def _quiet(c, steps: int, eval_steps: int):
+def _quiet(c, steps: int, eval_steps: int, ckpt_every: int = 0):
   c.train.steps = steps
   c.train.warmup_steps = max(1, steps // 10)
   c.train.log_every = max(1, steps // 10)
   c.train.eval_every = steps
   c.train.eval_steps = eval_steps
-  c.train.ckpt_every = max(1, steps // 4)  # a unit killed mid-run resumes from its checkpoint
+  # a unit killed mid-run resumes from its checkpoint (0: four per run)
+  c.train.ckpt_every = ckpt_every or max(1, steps // 4)
   c.train.keep = 1
   c.train.progress = False
   return c
@@ -124,11 +115,10 @@ def pretrain_config(arm: str, preset: dict, seed: int):
   if preset["dropout"] is not None:
     overrides.update({"model.dropout_rate": preset["dropout"],
                       "model.attention_dropout_rate": preset["dropout"]})
-  if preset["body"]:
-    overrides.update(LAYERS[family])
+  overrides.update(preset["layers"][family])
   if family in ("t5", "bart"):
     overrides["data.target_len"] = preset["seq_len"] // 4 if family == "t5" else preset["seq_len"]
-  c = load_config(family, preset["variant"], overrides)
+  c = load_config(family, preset["variant"], **overrides)
   cfg = ModelConfig.from_config(c.model)
   target = c.data.target_len if family in ("t5", "bart") else 0
   budget = FLAGS.budget or preset["budget"]
@@ -143,7 +133,7 @@ def pretrain_config(arm: str, preset: dict, seed: int):
   if steps < 1:
     raise SystemExit(f"error: --budget={budget} is too small for one step of arm {arm} "
                      f"({per_step} per step); raise --budget")
-  return _quiet(c, steps, preset["eval_steps"])
+  return _quiet(c, steps, preset["eval_steps"], preset["ckpt_every"])
 
 
 def finetune_config(arm: str, preset: dict, seed: int, init_from: str, trainable: str, steps: int,
@@ -157,13 +147,13 @@ def finetune_config(arm: str, preset: dict, seed: int, init_from: str, trainable
                "init_from": init_from, "data.max_docs": preset["ft_max_docs"],
                "finetune.trainable": trainable, "train.learning_rate": preset["ft_lr"],
                "data.tokenizer.path": tokenizer_path, **preset["body"]}
-  if preset["body"]:
-    overrides.update(LAYERS[family])
+  overrides.update(preset["layers"][family])
   if family in ("t5", "bart"):
     overrides["data.target_len"] = 1
   # eval_steps 0: the whole sst2 dev split (872 sentences) for the smoke-free presets.
   eval_steps = preset["eval_steps"] if FLAGS.preset == "smoke" else 0
-  return _quiet(load_config(family, preset["variant"], overrides), steps, eval_steps)
+  return _quiet(load_config(family, preset["variant"], **overrides), steps, eval_steps,
+                preset["ckpt_every"])
 
 
 def run_once(config, workdir: str, label: str) -> dict:

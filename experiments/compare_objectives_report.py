@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-import objective_directions  # pylint: disable=g-import-not-at-top  (experiments/)
+from experiments import objective_directions
 
 COLUMNS = ["arm", "seed", "params", "pretrain_steps", "pretrain_tokens", "loss_tokens",
            "intrinsic_name", "intrinsic", "intrinsic_loss", "unigram_loss", "nats_below_unigram",

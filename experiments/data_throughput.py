@@ -28,8 +28,7 @@ _OUT = flags.DEFINE_string("output", "", "Optional markdown file for the table."
 
 def measure(family: str, objective: str, batches: int) -> dict:
   """Times `batches` batches of the small config's train pipeline for `objective`."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
   from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from gptjax.data import tokenization
   config = load_config(family, "small", objective=objective)

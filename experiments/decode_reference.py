@@ -26,7 +26,6 @@ from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "4", "16"], "Batch sizes.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 16, "Prompt tokens per row.")
@@ -48,7 +47,7 @@ def gptjax_model():
   import dataclasses  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
   from gptjax.model import models  # pylint: disable=g-import-not-at-top
   from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   family, variant = _CONFIG.value.split(":")

@@ -21,7 +21,6 @@ from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
 
 _CONFIGS = flags.DEFINE_list("configs", ["gpt:small", "t5:small"], "family:variant of the models.")
 _VARIANTS = flags.DEFINE_list("variants", ["fp32", "fp32_nocache", "int8", "bf16"],
@@ -57,7 +56,7 @@ def measure(model, params, batch: int, variant: str) -> dict:
 def _model(name: str, variant: str):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
   from gptjax.model import models  # pylint: disable=g-import-not-at-top
   from gptjax.transfer import quantize
   from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top

@@ -23,7 +23,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import finished_runs  # pylint: disable=g-import-not-at-top  (experiments/, next to this file)
+from experiments import finished_runs  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("init_from", "minilm", "minilm | hf:DIR | a gptjax workdir.")

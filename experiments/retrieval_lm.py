@@ -49,14 +49,14 @@ PRESETS = {
                  train=dict(warmup_steps=30, eval_every=300, ckpt_every=50, log_every=10)),
     "smoke": dict(variant="tiny", steps=10, seq_len=64, max_docs=12, windows=12, stride=8,
                   query_tokens=8, passage_words=16, max_passages=150, doc_budget=24, batch=12,
+                  model=dict(num_layers=1),  # one layer: the tests' compiles stay short
                   train=dict(warmup_steps=2, eval_every=0, ckpt_every=10, log_every=5)),
 }
 
 
 def lm_config(p: dict):
   """The GPT config trained on wikitext2 (the same for every rerun, so it resumes)."""
-  sys.path.insert(0, str(REPO / "tests"))
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
   c = load_config("gpt", p["variant"])
   c.seed = FLAGS.seed
   c.data.corpus = "wikitext2"

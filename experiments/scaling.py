@@ -11,7 +11,8 @@ count including the (tied) token and position embeddings, as Chinchilla counts i
 tied output head, 6 N D is close to the real training FLOPs at these small widths, where
 the head is a large share of the compute. The fits are repeated with the non-embedding count
 (Kaplan et al.'s N) and both are in fit.json. Runs go through experiments/sweep.py's launcher
-(submitit: --cluster=local|slurm|debug, --parallel) and registry (OUT/runs/registry.jsonl), so
+(submitit: --cluster=local|slurm|debug, --parallel; or --cluster=inprocess, the smoke
+preset's default) and registry (OUT/runs/registry.jsonl), so
 a rerun skips every finished run and resumes the rest. Outputs: OUT/runs.csv, OUT/fit.json,
 OUT/results.md and three PNGs (loss against FLOPs per size with the frontier, IsoFLOP curves
 with their minima, N_opt against C).
@@ -33,14 +34,13 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "experiments"))
-# submitit's workers unpickle sweep.train_run by module name: they need experiments/ on their path
+# submitit's workers unpickle experiments.sweep.train_run by module name: they need the repo root
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(REPO / "experiments"), str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
-import scaling_fit  # pylint: disable=g-import-not-at-top,wrong-import-position
-import scaling_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
-import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position  (its launcher flags)
+from experiments import scaling_fit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import scaling_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -57,15 +57,15 @@ flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples for the intervals.")
 BASE = "configs/gpt.py:tiny"
 # (embed_dim, num_layers, num_heads); mlp 4x width
 PRESETS = {
-    "smoke": dict(ladder=[(16, 1, 2), (32, 2, 4), (48, 2, 4)], budgets=[3e8, 1e9],
+    "smoke": dict(ladder=[(16, 1, 2), (32, 1, 4), (48, 1, 4)], budgets=[3e8, 1e9],
                   seeds=[0], vocab=512, seq_len=32, batch=8, eval_steps=4, lr=3e-3,
-                  max_docs=40, parallel=2),
+                  max_docs=40, parallel=2, cluster="inprocess"),
     # 41k..656k parameters around Chinchilla's N_opt ~ sqrt(C / 120) for these budgets (the 41k
     # size was added after the first runs put the C=1e12 minimum below 67k); about 1.7e14 FLOPs
     # over 36 runs (1-2 h at the 2.5e10 FLOP/s these widths reach on 2 idle cores)
     "cpu": dict(ladder=[(16, 2, 4), (24, 2, 4), (32, 2, 4), (48, 3, 4), (64, 4, 4), (96, 4, 4)],
                 budgets=[1e12, 3e12, 1e13], seeds=[0, 1], vocab=2048, seq_len=128, batch=8,
-                eval_steps=50, lr=3e-3, max_docs=0, parallel=1),
+                eval_steps=50, lr=3e-3, max_docs=0, parallel=1, cluster="local"),
 }
 
 
@@ -237,6 +237,8 @@ def main(argv):
   preset = PRESETS[FLAGS.preset]
   if not FLAGS["parallel"].present:
     FLAGS.parallel = preset["parallel"]
+  if not FLAGS["cluster"].present:  # smoke: in this process, without a run.py start-up per run
+    FLAGS.cluster = preset["cluster"]
   try:
     runs, described = plan_runs(preset)
     seeds = sorted({d["seed"] for d in described})

@@ -30,10 +30,10 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("GPTJAX_RAW_DIR", str(REPO.parent / "shared" / "data"))
 
-import finished_runs  # pylint: disable=g-import-not-at-top  (experiments/, next to this file)
+from experiments import finished_runs  # pylint: disable=g-import-not-at-top
+from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "full", ["full", "smoke"], "full: minutes to hours; smoke: seconds.")
@@ -48,8 +48,10 @@ PRESETS = {
                  train_prefixes=400, eval_prefixes=64, new_tokens=24, betas=[0.05, 0.1, 0.5],
                  dpo_steps=80, dpo_eval_every=40, dpo_lr=2e-4, temperatures=[0.7, 1.0, 1.3],
                  best_of=[2, 4, 8, 16]),
-    "smoke": dict(sft=dict(variant="tiny", steps=6, seq_len=32, max_docs=60, num_layers=2),
-                  reward=dict(source="scratch", steps=4, batch=8, seq_len=32, lr=1e-3),
+    # one-layer models: the tests' compiles stay short
+    "smoke": dict(sft=dict(variant="tiny", steps=6, seq_len=32, max_docs=60, num_layers=1),
+                  reward=dict(source="scratch", steps=4, batch=8, seq_len=32, lr=1e-3,
+                              num_layers=1),
                   train_prefixes=24, eval_prefixes=8, new_tokens=6, betas=[0.1, 0.5],
                   dpo_steps=2, dpo_eval_every=2, dpo_lr=1e-3, temperatures=[0.7, 1.0],
                   best_of=[2, 4, 8, 16]),
@@ -57,7 +59,6 @@ PRESETS = {
 
 
 def _config(family: str, variant: str):
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
   return load_config(family, variant)
 
 
@@ -93,6 +94,7 @@ def reward_config(p: dict):
     c.init_from, c.data.tokenizer.path = "hf:" + folder, os.path.join(folder, "tokenizer.json")
   else:
     c = _config("bert", "tiny")
+    c.model.num_layers = r["num_layers"]
   c.seed = c.data.seed = FLAGS.seed
   c.objective, c.model.num_classes = "classification", 2
   c.data.corpus, c.data.seq_len, c.data.batch_size = "imdb", r["seq_len"], r["batch"]

@@ -8,8 +8,10 @@
 
 Every run gets ROOT/<run id>, the run id being a hash of its resolved config. Runs are
 launched through submitit (cluster local, slurm or debug: the same code path) at most
---parallel at a time. ROOT/registry.jsonl holds one line per run (id, overrides, git
-commit, status pending/running/done/failed, final metrics from its metrics.jsonl), and
+--parallel at a time, or one after another inside this process (--cluster=inprocess: no
+submitit, no run.py start-up per run; for smoke tests and quick CPU sweeps).
+ROOT/registry.jsonl holds one line per run (id, overrides, git commit, status
+pending/running/done/failed, final metrics from its metrics.jsonl), and
 ROOT/sweep_results.{md,csv} the comparison table, which is also printed. A run that
 finished is skipped when the sweep is run again; a failed or interrupted one is
 relaunched and resumes from its last checkpoint. A sweep field that is not in the
@@ -41,8 +43,8 @@ sys.path.insert(0, str(REPO))
 from gptjax import config_schema  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-sys.path.insert(0, str(REPO / "experiments"))
-from sweep_registry import REGISTRY, Registry, write_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import sweep_inprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.sweep_registry import REGISTRY, Registry, write_result, write_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/gpt.py:tiny", "Base config, FILE:VARIANT.")
@@ -52,7 +54,9 @@ flags.DEFINE_string("sweep_file", "", "A JSON file {field: [values] or 'logunifo
 flags.DEFINE_string("set", "", "Fixed overrides for every run: FIELD=V;FIELD=V.")
 flags.DEFINE_integer("random", 0, "0: the full grid; N: N distinct random points.")
 flags.DEFINE_integer("seed", 0, "Seed of the random sample.")
-flags.DEFINE_enum("cluster", "local", ["local", "slurm", "debug"], "Where submitit runs the jobs.")
+flags.DEFINE_enum("cluster", "local", ["local", "slurm", "debug", "inprocess"],
+                  "Where the runs go: submitit's local, slurm or debug executor, or inprocess (one "
+                  "after another in this process, without submitit or a run.py per run).")
 flags.DEFINE_integer("parallel", 2, "Runs at the same time (0: all).")
 flags.DEFINE_integer("timeout_min", 240, "Time limit of one run.")
 flags.DEFINE_integer("cpus_per_task", 0, "CPUs per run on SLURM (0: the cluster default).")
@@ -253,12 +257,7 @@ def train_run(command: list[str], workdir: str) -> dict[str, Any]:
   start = time.time()
   with open(os.path.join(workdir, "train.log"), "a", encoding="utf-8") as log:
     proc = subprocess.run(command, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, check=False)
-  result = {"returncode": proc.returncode, "wall_s": round(time.time() - start, 1)}
-  tmp = os.path.join(workdir, "sweep_result.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(result, f)
-  os.replace(tmp, os.path.join(workdir, "sweep_result.json"))
-  return result
+  return write_result(workdir, proc.returncode, start)
 
 
 def _finished(workdir: str):
@@ -314,7 +313,9 @@ def prepare_data(configs: list) -> None:
 
 
 def make_executor(root: str):
-  """A submitit executor for --cluster; the same call for local, slurm and debug."""
+  """A submitit executor for --cluster (one call for local, slurm and debug), or the in-process one."""
+  if FLAGS.cluster == "inprocess":
+    return sweep_inprocess.InProcessExecutor()
   import submitit  # pylint: disable=g-import-not-at-top
   executor = submitit.AutoExecutor(folder=os.path.join(root, "submitit"), cluster=FLAGS.cluster)
   params: dict[str, Any] = {"timeout_min": FLAGS.timeout_min, "name": "gptjax_sweep"}
@@ -363,6 +364,7 @@ def launch(root: str, base_spec: str, runs: list) -> Registry:
   from gptjax.training import run_records  # pylint: disable=g-import-not-at-top
   commit = run_records.git_commit()
   todo = []
+  configs = {rid: config for rid, _, config in runs}
   for rid, overrides, _ in runs:
     workdir = os.path.join(os.path.abspath(root), rid)
     if rid not in registry.runs or registry.runs[rid].get("status") != "done":
@@ -380,7 +382,7 @@ def launch(root: str, base_spec: str, runs: list) -> Registry:
   if FLAGS.prepare:
     prepare_data([config for rid, _, config in runs if rid in todo])
   executor = make_executor(root)
-  limit = FLAGS.parallel or len(todo)
+  limit = 1 if FLAGS.cluster == "inprocess" else FLAGS.parallel or len(todo)
   queue, running = list(todo), {}
   total, finished, attempts = len(todo), 0, {rid: 0 for rid in todo}
   while queue or running:
@@ -391,13 +393,17 @@ def launch(root: str, base_spec: str, runs: list) -> Registry:
       if os.path.exists(stale):
         os.remove(stale)  # a failed attempt: relaunch (training resumes from its checkpoint)
       command = train_command(base_spec, r["workdir"], r["overrides"])
-      job = executor.submit(train_run, command, r["workdir"])
+      if FLAGS.cluster == "inprocess":
+        job = executor.submit(sweep_inprocess.train_in_process, configs[rid], r["workdir"])
+      else:
+        job = executor.submit(train_run, command, r["workdir"])
       attempts[rid] += 1
       registry.update(rid, status="running", job_id=str(job.job_id), command=" ".join(command[1:]),
                       started=time.strftime("%Y-%m-%dT%H:%M:%S"))
       running[rid] = job
       print(f"[sweep] launched {rid} (job {job.job_id})  {r['overrides']}", flush=True)
-    done_now = [rid for rid, job in running.items() if FLAGS.cluster == "debug" or job.done()]
+    done_now = [rid for rid, job in running.items()
+                if FLAGS.cluster in ("debug", "inprocess") or job.done()]
     if not done_now:
       time.sleep(1.0)
       continue

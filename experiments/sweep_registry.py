@@ -6,10 +6,22 @@ import csv
 import io
 import json
 import os
+import time
+from typing import Any
 
 REGISTRY = "registry.jsonl"
 TABLE_METRICS = ("step", "loss", "eval_loss", "eval_lm_perplexity", "eval_mlm_accuracy",
                  "eval_lm_accuracy", "tokens_per_sec", "wall_s")
+
+
+def write_result(workdir: str, returncode: int, start: float) -> dict[str, Any]:
+  """WORKDIR/sweep_result.json (exit code, wall time) of a finished run, written atomically."""
+  result = {"returncode": returncode, "wall_s": round(time.time() - start, 1)}
+  tmp = os.path.join(workdir, "sweep_result.json.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(result, f)
+  os.replace(tmp, os.path.join(workdir, "sweep_result.json"))
+  return result
 
 
 class Registry:

@@ -48,8 +48,7 @@ from gptjax.training import flops  # pylint: disable=g-import-not-at-top
 from gptjax.training import sharding  # pylint: disable=g-import-not-at-top
 from gptjax.training import train_step  # pylint: disable=g-import-not-at-top
 
-sys.path.insert(0, str(REPO / "experiments"))
-import profile_breakdown  # pylint: disable=g-import-not-at-top
+from experiments import profile_breakdown  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("families", ["gpt", "bert", "t5"], "Config files under configs/.")

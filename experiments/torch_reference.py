@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import throughput  # pylint: disable=g-import-not-at-top  (also defines --steps, --batch_size, ...)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the script form
+from experiments import throughput  # pylint: disable=g-import-not-at-top  (also defines --steps, ...)
 
 from gptjax.training import flops  # pylint: disable=g-import-not-at-top
 

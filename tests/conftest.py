@@ -1,15 +1,42 @@
 """Shared test fixtures: configs loaded exactly as run.py loads them."""
 
+import atexit
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("GPTJAX_RAW_DIR", str(REPO.parent / "shared" / "data"))
+
+
+def _session_compilation_cache() -> None:
+  """One XLA compilation cache per test session, empty when it starts and removed at its end.
+
+  Many tests build the same tiny models (a resumed run, a fine-tune beside its scratch run, the
+  run.py and experiment subprocesses, which inherit the variable, and pytest-xdist's workers):
+  each executable is compiled once and loaded from the cache after that. Set
+  JAX_COMPILATION_CACHE_DIR yourself to keep a cache between sessions.
+  """
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  path = tempfile.mkdtemp(prefix="gptjax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  if "jax" in sys.modules:  # imported before this file: the variables came too late for it
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+_session_compilation_cache()
 
 
 def load_config(family: str, variant: str = "tiny", **overrides):

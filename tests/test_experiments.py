@@ -6,8 +6,7 @@ import sys
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "experiments"))
-import objective_directions as od  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import objective_directions as od
 
 SCRIPT = REPO / "experiments" / "compare_objectives.py"
 

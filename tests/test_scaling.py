@@ -9,8 +9,7 @@ import numpy as np
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "experiments"))
-import scaling_fit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import scaling_fit
 
 SCRIPT = REPO / "experiments" / "scaling.py"
 TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Chinchilla's fit

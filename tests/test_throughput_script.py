@@ -65,9 +65,8 @@ def test_cpu_microbench_prints_its_figures_and_rejects_unknown_names():
 
 
 def test_breakdown_counts_an_eigen_dot_after_its_dispatch_event(tmp_path):
-  sys.path.insert(0, str(REPO / "experiments"))
   import jax  # pylint: disable=g-import-not-at-top
-  import profile_breakdown  # pylint: disable=g-import-not-at-top
+  from experiments import profile_breakdown  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(0), (2048, 256))
   g = jax.random.normal(jax.random.key(1), (2048, 1024))
   f = jax.jit(lambda x, g: jax.numpy.tanh(x.T @ g))  # a plain dot, run by Eigen on XLA:CPU

@@ -12,8 +12,7 @@ from gptjax.model import models
 from gptjax.model.config import ModelConfig
 
 pytest.importorskip("torch")
-sys.path.insert(0, str(REPO / "experiments"))
-import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_pytorch_gpt_with_gptjax_weights_gives_gptjax_logits(monkeypatch):

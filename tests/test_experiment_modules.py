@@ -1,0 +1,31 @@
+"""Experiment scripts run as `python experiments/NAME.py` and as `python -m experiments.NAME`."""
+
+import ast
+import subprocess
+import sys
+
+from conftest import REPO
+
+EXPERIMENTS = REPO / "experiments"
+SIBLINGS = {p.stem for p in EXPERIMENTS.glob("*.py")} - {"__init__"}
+
+
+def test_no_script_imports_a_sibling_by_bare_name():
+  """`import finished_runs` works only in the script form; `from experiments import ...` in both."""
+  bare = []
+  for path in sorted(EXPERIMENTS.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+      names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+          [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+      bare += [f"{path.name}:{node.lineno} imports {n}" for n in names
+               if n.split(".")[0] in SIBLINGS | {"conftest"}]
+  assert not bare, bare
+
+
+def test_module_form_runs_from_the_repo_root(tmp_path):
+  # scaling imports sweep, scaling_fit and scaling_plots; a bad flag value stops it before training
+  result = subprocess.run([sys.executable, "-m", "experiments.scaling", "--preset=smoke",
+                           f"--out={tmp_path}", "--sizes=50M"], cwd=REPO, capture_output=True,
+                          text=True, timeout=240)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and "outside this sweep's range" in lines[-1], result.stderr[-2000:]
