@@ -94,6 +94,17 @@ def test_measured_cpu_peak_is_a_real_matmul_rate():
   assert 1e6 < rate < 1e15
 
 
+def test_a_second_run_in_the_process_reuses_a_fresh_measured_peak():
+  cpu = types.SimpleNamespace(device_kind="cpu", platform="cpu")
+  first = peak_flops.Peak("float32", device=cpu)
+  second = peak_flops.Peak("float32", device=cpu)
+  assert second.fields() == first.fields() and second.fields()["peak_flops"] > 0
+  assert second._measured_at == first._measured_at  # pylint: disable=protected-access
+  later = peak_flops.Peak("float32", device=cpu, refresh_seconds=0.0)  # too old: timed again
+  assert later._measured_at > first._measured_at  # pylint: disable=protected-access
+  assert later.flops >= first.flops  # the best rate of the process so far
+
+
 def test_checkpoints_with_removed_config_fields_still_resume():
   from gptjax import config_schema  # pylint: disable=import-outside-toplevel
   from gptjax.training import resume_check  # pylint: disable=import-outside-toplevel
