@@ -1,7 +1,6 @@
 """Shared test fixtures: configs loaded exactly as run.py loads them."""
 
 import atexit
-import importlib.util
 import os
 import pathlib
 import shutil
@@ -39,19 +38,7 @@ def _session_compilation_cache() -> None:
 _session_compilation_cache()
 
 
-def load_config(family: str, variant: str = "tiny", **overrides):
-  """Loads configs/<family>.py:<variant>, then applies dotted overrides ('model.num_layers'=1)."""
-  spec = importlib.util.spec_from_file_location(f"cfg_{family}", REPO / "configs" / f"{family}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top,wrong-import-position  (one loader for tests and experiments)
 
 
 @pytest.fixture(name="load_config")
