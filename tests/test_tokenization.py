@@ -109,3 +109,17 @@ def test_pretrained_tokenizer_json_neither_pads_nor_truncates():
   assert tok.pad_id not in a and tok.pad_id not in b
   assert len(b) > 128 > len(a)  # the file truncates at 128 and pads to the longest
   assert tok.decode(a).replace(" ", "") == texts[0].replace(" ", "")
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_rare_characters_do_not_fill_the_vocabulary(data_cache, kind):
+  """enwiki2015's thousands of scripts once took 3,529 of 4,096 WordPiece pieces (issue 19)."""
+  del data_cache
+  config = _load("bert", **{"data.corpus": "enwiki2015", "data.max_docs": 40})
+  texts = [doc["text"] for doc in corpora.documents(config, "train")]
+  assert len(set("".join(texts))) > 2 * tokenization.alphabet_limit(1024)  # many rare characters
+  tok = tokenization.train_tokenizer(kind, texts, 1024)
+  pieces = [p.replace("##", "").replace("\u2581", "") for p in tok.tok.get_vocab()]
+  single = sum(len(p) == 1 for p in pieces)
+  assert single <= 2 * tokenization.alphabet_limit(1024) + 2
+  assert tok.decode(tok.encode("the history of the city")) == "the history of the city"

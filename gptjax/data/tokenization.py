@@ -7,6 +7,7 @@ any existing `tokenizer.json` / `vocab.txt`.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -155,18 +156,33 @@ def check_specials(tokenizer: TextTokenizer, scheme: str, num_sentinels: int, so
                       "use a tokenizer of the right family or set config.data.tokenizer.kind")
 
 
-# Part of the tokenizer cache key: bump it when train_tokenizer changes what it trains.
-TRAINER_VERSION = 2  # 2: WordPiece keeps at most wordpiece_alphabet_limit characters
+# Part of the tokenizer cache key: bump a kind's version when train_tokenizer changes what it trains.
+# wordpiece 2 and unigram 3: at most alphabet_limit(vocab_size) distinct characters
+TRAINER_VERSION = {"bpe": 2, "wordpiece": 2, "wordpiece_cased": 2, "unigram": 3}
 
 
-def wordpiece_alphabet_limit(vocab_size: int) -> int:
-  """How many distinct characters a WordPiece vocabulary keeps (the rest become [UNK]).
+def alphabet_limit(vocab_size: int) -> int:
+  """How many distinct characters a WordPiece or Unigram vocabulary keeps (the rest are unknown).
 
-  Without a limit every character of the corpus is a piece, twice (`c` and `##c`): enwiki2015's
-  thousands of scripts and symbols took 3,529 of a 4,096 vocabulary, leaving 567 merges and
-  near-character-level text. BERT's own trainer keeps 1,000.
+  Without a limit every character of the corpus is a piece (WordPiece: twice, `c` and `##c`):
+  enwiki2015's thousands of scripts and symbols took 3,529 of a 4,096 WordPiece vocabulary,
+  leaving 567 merges and near-character-level text. BERT's own trainer keeps 1,000.
   """
   return min(1000, max(128, vocab_size // 16))
+
+
+def _common_characters_only(texts: Iterable[str], limit: int) -> list[str]:
+  """`texts` without the characters outside the `limit` most frequent ones (Unigram's alphabet).
+
+  The Unigram trainer keeps every character it sees as a piece and has no alphabet limit, so
+  rare characters are removed from its training text; encoding maps them to <unk>.
+  """
+  texts = list(texts)
+  counts = collections.Counter()
+  for text in texts:
+    counts.update(text)
+  rare = {ord(c): None for c, _ in counts.most_common()[limit:]}
+  return [text.translate(rare) for text in texts] if rare else texts
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, num_sentinels: int = 0,
@@ -192,7 +208,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, num_sentin
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                        limit_alphabet=wordpiece_alphabet_limit(vocab_size),
+                                        limit_alphabet=alphabet_limit(vocab_size),
                                         show_progress=False)
   else:
     tok = tokenizers.Tokenizer(models.Unigram())
@@ -201,6 +217,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, num_sentin
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       unk_token="<unk>", show_progress=False)
+    texts = _common_characters_only(texts, alphabet_limit(vocab_size))
   tok.train_from_iterator(texts, trainer=trainer)
   if kind == "bpe":
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -273,7 +290,7 @@ def load_or_train_tokenizer(config, workdir: Optional[str] = None) -> TextTokeni
         if corpora.is_builtin(d.corpus) else f"{d.corpus}@{d.tfds_data_dir}"
     key = hashlib.sha256(json.dumps([corpus_fp, d.max_docs, t.kind, scheme, t.vocab_size,
                                      t.num_sentinels, tokenizers.__version__,
-                                     TRAINER_VERSION]).encode()
+                                     TRAINER_VERSION.get(t.kind, 1)]).encode()
                          ).hexdigest()[:16]
     cached = os.path.join(_cache_dir(), key, "tokenizer.json")
     source = f"the tokenizer trained for config.data.corpus={d.corpus!r}"
