@@ -28,6 +28,8 @@ exact, [2048, 1024]) and loss ([2048, 8192] logits) through gptjax's CPU kernels
 fusions (the `cpu_norm`, `cpu_bias_gelu` and `cpu_cross_entropy` tricks off). Run it twice:
 the first figures of a process include the heap's growth.
 remat_memory: compiled temporaries of a 16-layer gradient with and without jax.checkpoint.
+The cases that run gptjax's own kernels and tricks (batched_dot, attention, attention_layouts,
+elementwise_kernels) are in cpu_microbench_kernels.py, the timing in cpu_microbench_timing.py.
 Each figure is the mean of --repeats calls after one warm-up call. PyTorch (a test and benchmark
 dependency, installed by `make install-test`) runs with its default threads.
 """
@@ -35,7 +37,6 @@ dependency, installed by `make install-test`) runs with its default threads.
 import math
 import pathlib
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -46,31 +47,19 @@ import optax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from gptjax.backends.xla_cpu import fast_paths  # pylint: disable=g-import-not-at-top
 from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
-from gptjax.backends.xla_cpu import ops as xla_cpu_ops  # pylint: disable=g-import-not-at-top
-from gptjax.model import attention as attention_core  # pylint: disable=g-import-not-at-top
-from gptjax.model import layers  # pylint: disable=g-import-not-at-top
 from gptjax.model.ops import XLA  # pylint: disable=g-import-not-at-top
-from gptjax.training import objectives  # pylint: disable=g-import-not-at-top
+
+from experiments.cpu_microbench_kernels import B, L  # pylint: disable=g-import-not-at-top
+from experiments.cpu_microbench_kernels import attention, attention_layouts, batched_dot, elementwise_kernels  # pylint: disable=g-import-not-at-top
+from experiments.cpu_microbench_timing import timed, timed_torch  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("repeats", 20, "Timed calls per measurement.")
 flags.DEFINE_list("benchmarks", ["colsum", "adamw", "matmul_dtypes", "batched_dot",
                                  "dense_matmuls", "attention",
                                  "cross_entropy", "qkv", "wgrad_layouts", "attention_layouts",
                                  "gelu_backward", "log_partition", "elementwise_kernels",
                                  "remat_memory"],
                   "Which micro-benchmarks to run.")
-
-
-def timed(f, *args) -> float:
-  """Milliseconds per call of `f(*args)` after one warm-up call."""
-  out = f(*args)
-  jax.block_until_ready(out)
-  t0 = time.perf_counter()
-  for _ in range(FLAGS.repeats):
-    out = f(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / FLAGS.repeats * 1e3
 
 
 def colsum() -> None:
@@ -131,15 +120,6 @@ def adamw() -> None:
         f"one expression per parameter {timed(run_b):.2f} ms")
 
 
-def timed_torch(f) -> float:
-  """Milliseconds per call of the PyTorch function `f()` after one warm-up call."""
-  f()
-  t0 = time.perf_counter()
-  for _ in range(FLAGS.repeats):
-    f()
-  return (time.perf_counter() - t0) / FLAGS.repeats * 1e3
-
-
 def matmul_dtypes() -> None:
   """TFLOP/s of a 2048 x 2048 matmul per dtype, XLA against PyTorch (which uses AMX if any)."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -151,25 +131,6 @@ def matmul_dtypes() -> None:
     xla = 2 * n ** 3 / timed(jax.jit(lambda a: a @ a), a) / 1e9
     pt = 2 * n ** 3 / timed_torch(lambda: b @ b) / 1e9
     print(f"matmul {name}: XLA {xla:.3f} TFLOP/s, PyTorch {pt:.3f} TFLOP/s")
-
-
-B, H, L, DH = 16, 4, 128, 64  # gpt:small's attention
-
-
-def batched_dot() -> None:
-  """GFLOP/s of the attention score matmul: XLA's batched dot, gptjax's kernel, torch.bmm."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from gptjax.backends.xla_cpu import kernels as cpu_kernels  # pylint: disable=g-import-not-at-top
-  q, k = (jax.random.normal(jax.random.key(i), (B, H, L, DH)) for i in range(2))
-  tq, tk = torch.randn(B, H, L, DH), torch.randn(B, H, L, DH)
-  flop = 2 * B * H * L * L * DH
-  xla = flop / timed(jax.jit(lambda q, k: jnp.einsum("bhld,bhsd->bhls", q, k)), q, k) / 1e6
-  ql, kl = (x.transpose(0, 2, 1, 3) for x in (q, k))  # gptjax's token-major [B, L, H, Dh]
-  kernel = flop / timed(jax.jit(lambda q, k: cpu_kernels.head_einsum("blhd,bshd->bhls", q, k)),
-                        ql, kl) / 1e6
-  pt = flop / timed_torch(lambda: tq @ tk.transpose(-1, -2)) / 1e6
-  print(f"batched dot [{B}, {H}] x {L} x {DH} x {L}: XLA {xla:.0f} GFLOP/s, "
-        f"gptjax.backends.xla_cpu.kernels.head_einsum {kernel:.0f} GFLOP/s, torch.bmm {pt:.0f} GFLOP/s")
 
 
 def dense_matmuls() -> None:
@@ -191,44 +152,6 @@ def dense_matmuls() -> None:
       cells.append(f"{name} {flop / timed(dot(ca, cb), *args):.0f} / "
                    f"{flop / timed_torch(torch_fn):.0f}")
     print(f"  [{d_in}, {d_out}]: " + ";  ".join(cells))
-
-
-def attention() -> None:
-  """ms per forward+backward of one gpt:small layer's causal attention core, five ways."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from gptjax.model import models  # pylint: disable=g-import-not-at-top
-  q, k, v, g = (jax.random.normal(jax.random.key(i), (B, L, H, DH)) for i in range(4))
-  mask = models.build_mask(None, True, L)
-
-  def fwd_bwd(**switches):
-    ops = cpu_ops(**switches)
-    def f(q, k, v):
-      attend = lambda q, k, v: ops.attention(q, k, v, mask, None, DH ** -0.5, "einsum",
-                                             mask_is_causal=True)
-      out, vjp = jax.vjp(attend, q, k, v)
-      return out, vjp(g)
-    return timed(jax.jit(f), q, k, v)
-
-  xla = dict(cpu_head_matmul=False, cpu_fused_attention=False)
-  rows = {
-      "XLA einsums": fwd_bwd(causal_blocks=False, **xla),
-      f"XLA einsums in {xla_cpu_ops.causal_query_blocks(L, L)} causal query blocks":
-          fwd_bwd(causal_blocks=True, **xla),
-      "per-head matmul kernel, query blocks": fwd_bwd(cpu_head_matmul=True,
-                                                      cpu_fused_attention=False),
-      "fused kernel, no block skipping": fwd_bwd(causal_blocks=False, cpu_fused_attention=True),
-      "fused kernel, causal blocks skipped (gptjax's default)": fwd_bwd(),
-  }
-  tq, tk, tv = (torch.randn(B, H, L, DH, requires_grad=True) for _ in range(3))
-  tg = torch.randn(B, H, L, DH)
-
-  def torch_fwd_bwd():
-    torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True).backward(tg)
-
-  rows["PyTorch causal SDPA"] = timed_torch(torch_fwd_bwd)
-  print(f"attention fwd+bwd [{B}, {L}, {H}, {DH}], causal:")
-  for name, ms in rows.items():
-    print(f"  {name}: {ms:.2f} ms")
 
 
 def cross_entropy() -> None:
@@ -281,44 +204,6 @@ def wgrad_layouts() -> None:
     kept = timed(jax.jit(lambda x, g: jax.lax.optimization_barrier(x.T) @ g), x, g)
     print(f"wgrad [{t}, {i}]^T x [{t}, {o}]: transpose folded (Eigen) {folded:.2f} ms, "
           f"x^T kept (YNNPACK) {kept:.2f} ms")
-
-
-def attention_layouts() -> None:
-  """ms per fwd+bwd of gpt:small's causal attention core: gptjax's blocks, heads-major, split."""
-  from gptjax.model import models  # pylint: disable=g-import-not-at-top
-  q, k, v, g = (jax.random.normal(jax.random.key(i), (B, L, H, DH)) for i in range(4))
-  mask = models.build_mask(None, True, L)
-  attend = lambda q, k, v, m: cpu_ops().attention(q, k, v, m, None, DH ** -0.5, "einsum",
-                                                  mask_is_causal=True)  # kernels=xla_cpu
-
-  def heads_major(q, k, v, m):  # one [B, H, L, Dh] copy of q, k, v; two causal query blocks
-    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-    c = L // 2
-    outs = []
-    for i in range(2):
-      s = jnp.einsum("bhld,bhsd->bhls", qt[:, :, i * c:(i + 1) * c], kt[:, :, :(i + 1) * c])
-      s = jnp.where(m[:, :, i * c:(i + 1) * c, :(i + 1) * c], s * DH ** -0.5, attention_core.NEG_INF)
-      p = fast_paths.softmax_last_axis(s)
-      outs.append(jnp.einsum("bhls,bhsd->bhld", p, vt[:, :, :(i + 1) * c]))
-    return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
-
-  def split(n, axis):  # independent pieces the thunk executor could run side by side
-    def f(q, k, v, m):
-      parts = zip(*(jnp.split(x, n, axis=axis) for x in (q, k, v)))
-      return jnp.concatenate([attend(a, b, c, m) for a, b, c in parts], axis=axis)
-    return f
-
-  def fwd_bwd(f):
-    def run(q, k, v):
-      _, vjp = jax.vjp(lambda q, k, v: f(q, k, v, mask), q, k, v)
-      return vjp(g)
-    return jax.jit(run)
-
-  variants = {"gptjax (kernels=xla_cpu)": attend, "heads-major": heads_major,
-              "split by batch in 2": split(2, 0), "split by heads in 2": split(2, 2),
-              "split by heads in 4": split(4, 2)}
-  print("attention layouts fwd+bwd: " + ", ".join(
-      f"{name} {timed(fwd_bwd(f), q, k, v):.2f} ms" for name, f in variants.items()))
 
 
 def gelu_backward() -> None:
@@ -401,45 +286,12 @@ def remat_memory() -> None:
         f"jax.checkpoint(prevent_cse=False) {temp_mib(True, False):.0f} MiB")
 
 
-def elementwise_kernels() -> None:
-  """ms per fwd+bwd of a norm, bias+GELU and the loss, as gptjax's CPU kernels and as XLA."""
-  keys = jax.random.split(jax.random.key(0), 4)
-  x = jax.random.normal(keys[0], (2048, 256))
-  norm_params = layers.Norm().init(keys[1], x)
-  h = jax.random.normal(keys[2], (2048, 1024))
-  bias = jnp.zeros((1024,))
-  logits = 3 * jax.random.normal(keys[3], (2048, 8192))
-  targets = jnp.arange(2048) % 8192
-  weights = jnp.ones((2048,))
-
-  def gelu(approximate):  # what the MLP's bias + GELU runs with the trick on and off
-    return lambda ops: lambda v, b: jnp.sum(ops.bias_gelu(v, b, approximate) * v)
-  cases = [("LayerNorm", "cpu_norm",
-            lambda ops: lambda p, v: jnp.sum(layers.Norm(ops=ops).apply(p, v) * v),
-            (norm_params, x)),
-           ("bias+GELU tanh", "cpu_bias_gelu", gelu(True), (h, bias)),
-           ("bias+GELU exact", "cpu_bias_gelu", gelu(False), (h, bias)),
-           ("loss", "cpu_cross_entropy",
-            lambda ops: lambda v: objectives.cross_entropy(v, targets, weights, ops)[0], (logits,))]
-  for name, switch, loss, args in cases:
-    times = {}
-    for on in (True, False):
-      fn = loss(cpu_ops(**{switch: on}))
-      times[on] = timed(jax.jit(jax.grad(fn, argnums=tuple(range(len(args))))), *args)
-    print(f"{name} fwd+bwd: kernel {times[True]:.2f} ms, XLA {times[False]:.2f} ms")
-
-
 BENCHMARKS = {"colsum": colsum, "adamw": adamw, "matmul_dtypes": matmul_dtypes,
               "batched_dot": batched_dot, "dense_matmuls": dense_matmuls, "attention": attention,
               "cross_entropy": cross_entropy,
               "qkv": qkv, "wgrad_layouts": wgrad_layouts, "attention_layouts": attention_layouts,
               "gelu_backward": gelu_backward, "log_partition": log_partition,
               "elementwise_kernels": elementwise_kernels, "remat_memory": remat_memory}
-
-
-def cpu_ops(**switches):
-  """The xla_cpu ops with every trick on but those given as False (gptjax/backends/xla_cpu/ops.py)."""
-  return xla_cpu_ops.make_ops(frozenset(name for name, on in switches.items() if not on))
 
 
 def main(argv):

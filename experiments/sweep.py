@@ -16,19 +16,16 @@ ROOT/sweep_results.{md,csv} the comparison table, which is also printed. A run t
 finished is skipped when the sweep is run again; a failed or interrupted one is
 relaunched and resumes from its last checkpoint. A sweep field that is not in the
 config stops everything before a single run starts, with one line.
+
+This file is the CLI and the launcher; the spec (parsing, checks, points, run ids) is in
+sweep_spec.py, the registry and table in sweep_registry.py, --cluster=inprocess in sweep_inprocess.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import itertools
 import json
-import math
 import os
 import pathlib
-import random
-import re
 import subprocess
 import sys
 import time
@@ -40,11 +37,13 @@ from absl import flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gptjax import config_schema  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import sweep_inprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.sweep_registry import REGISTRY, Registry, write_result, write_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+# resolve and run_id are part of this module's interface (experiments/scaling.py uses them)
+from experiments.sweep_spec import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+    checked_spec, field_name, load_base_config, parse_spec, points, resolve, run_id)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/gpt.py:tiny", "Base config, FILE:VARIANT.")
@@ -68,161 +67,8 @@ flags.DEFINE_bool("prepare", True, "Build each distinct corpus/tokenizer once be
                   "parallel runs do not race to prepare the same data cache.")
 flags.DEFINE_integer("retries", 1, "Relaunches of a failed run (it resumes from its checkpoint).")
 
-_DIST = re.compile(r"^(uniform|loguniform|randint)\(\s*([^,]+)\s*,\s*([^)]+)\s*\)$")
 
-
-# ============================================================================ spec
-def load_base_config(spec: str):
-  """The locked ConfigDict of `FILE:VARIANT`, loaded as run.py loads it."""
-  path, _, variant = spec.partition(":")
-  full = pathlib.Path(path) if os.path.isabs(path) else REPO / path
-  if not full.exists():
-    raise ConfigError(f"--config={spec}: no such config file {full}")
-  module_spec = importlib.util.spec_from_file_location(f"sweep_cfg_{full.stem}", full)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
-def _field_name(name: str) -> str:
-  name = name.strip()
-  return name[len("config."):] if name.startswith("config.") else name
-
-
-def _leaf(config, field: str, where: str):
-  """(parent ConfigDict, leaf key) of a dotted field; ConfigError naming it if absent."""
-  node = config
-  *parents, leaf = field.split(".")
-  base = f"{config.name}:{config.variant}" if "name" in config else "the base config"
-  for p in parents:
-    if not hasattr(node, "keys") or p not in node:
-      raise ConfigError(f"{where}: config.{field} is not a config field of {base}")
-    node = node[p]
-  if not hasattr(node, "keys") or leaf not in node or hasattr(node[leaf], "keys"):
-    raise ConfigError(f"{where}: config.{field} is not a config field of {base}")
-  return node, leaf
-
-
-def parse_value(config, field: str, text: Any, where: str):
-  """`text` as the type of config.`field` (bool/int/float/str)."""
-  node, leaf = _leaf(config, field, where)
-  current = node[leaf]
-  if not isinstance(text, str):
-    value = text
-  elif isinstance(current, bool):
-    if text.lower() not in ("true", "false", "1", "0"):
-      raise ConfigError(f"{where}: config.{field}={text!r} is not a bool")
-    value = text.lower() in ("true", "1")
-  elif isinstance(current, int):
-    try:
-      value = int(text) if re.fullmatch(r"-?\d+", text.strip()) else int(float(text))
-    except ValueError:
-      raise ConfigError(f"{where}: config.{field}={text!r} is not an integer") from None
-  elif isinstance(current, float):
-    try:
-      value = float(text)
-    except ValueError:
-      raise ConfigError(f"{where}: config.{field}={text!r} is not a number") from None
-  elif isinstance(current, str):
-    value = text
-  else:
-    raise ConfigError(f"{where}: config.{field} has type {type(current).__name__}, which a sweep "
-                      "cannot set")
-  if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
-    if value != int(value):
-      raise ConfigError(f"{where}: config.{field}={value} is not an integer")
-    value = int(value)
-  return value
-
-
-def parse_spec(text: str, where: str) -> dict[str, Any]:
-  """'a.b=1,2;c.d=x' -> {'a.b': ['1', '2'], 'c.d': ['x']}; distributions stay strings."""
-  spec: dict[str, Any] = {}
-  for part in filter(None, (p.strip() for p in text.split(";"))):
-    if "=" not in part:
-      raise ConfigError(f"{where}: {part!r} is not FIELD=VALUES")
-    field, values = part.split("=", 1)
-    values = values.strip()
-    spec[_field_name(field)] = values if _DIST.match(values) else [v.strip() for v in values.split(",")]
-  return spec
-
-
-def checked_spec(config, spec: dict[str, Any], where: str, random_ok: bool) -> dict[str, Any]:
-  """Every field exists and every value parses; distributions become (kind, low, high)."""
-  out = {}
-  for field, values in spec.items():
-    field = _field_name(field)
-    if isinstance(values, str):
-      m = _DIST.match(values.strip())
-      if not m:
-        values = [values]
-      else:
-        _leaf(config, field, where)
-        kind, low, high = m.group(1), float(m.group(2)), float(m.group(3))
-        if not random_ok:
-          raise ConfigError(f"{where}: config.{field}={values} is a distribution; it needs --random=N")
-        if high <= low or (kind == "loguniform" and low <= 0):
-          raise ConfigError(f"{where}: config.{field}={values} is an empty or invalid range")
-        out[field] = (kind, low, high)
-        continue
-    if not isinstance(values, (list, tuple)) or not values:
-      raise ConfigError(f"{where}: config.{field} needs a non-empty list of values")
-    out[field] = [parse_value(config, field, v, where) for v in values]
-  return out
-
-
-def _sample(rng: random.Random, dist):
-  kind, low, high = dist
-  if kind == "uniform":
-    return rng.uniform(low, high)
-  if kind == "randint":
-    return rng.randint(int(low), int(high))
-  return float(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.3g}")
-
-
-def points(spec: dict[str, Any], num_random: int, seed: int) -> list[dict[str, Any]]:
-  """The grid (num_random=0) or `num_random` random points of it, in a fixed order."""
-  fields = list(spec)
-  if not num_random:
-    return [dict(zip(fields, combo)) for combo in itertools.product(*(spec[f] for f in fields))]
-  rng = random.Random(seed)
-  grid_size = math.prod(len(v) for v in spec.values() if isinstance(v, list))
-  has_dist = any(isinstance(v, tuple) for v in spec.values())
-  want = num_random if has_dist else min(num_random, grid_size)
-  out, seen = [], set()
-  for _ in range(100 * want):
-    if len(out) == want:
-      break
-    point = {f: (_sample(rng, v) if isinstance(v, tuple) else rng.choice(v)) for f, v in spec.items()}
-    key = json.dumps(point, sort_keys=True)
-    if key not in seen:
-      seen.add(key)
-      out.append(point)
-  return out
-
-
-def resolve(base_spec: str, overrides: dict[str, Any]):
-  """The base config with `overrides` applied, validated as run.py validates it."""
-  config = load_base_config(base_spec)
-  for field, value in overrides.items():
-    node, leaf = _leaf(config, field, "--sweep")
-    try:
-      node[leaf] = value
-    except (TypeError, ValueError, KeyError) as e:
-      raise ConfigError(f"config.{field}={value!r}: {' '.join(str(e).split())}") from None
-  config_schema.validate(config)
-  return config
-
-
-def run_id(config) -> str:
-  """The id of a run: a hash of its fully resolved config (less machine-local paths)."""
-  resolved = json.loads(config.to_json_best_effort())
-  for section, key in (("data", "raw_dir"), ("data", "tfds_data_dir"), ("train", "progress")):
-    resolved.get(section, {}).pop(key, None)
-  text = json.dumps(resolved, sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
+# ============================================================================ one run (the job)
 def _format(value) -> str:
   return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, float) \
       else str(value)
@@ -235,7 +81,6 @@ def train_command(base_spec: str, workdir: str, overrides: dict[str, Any]) -> li
           *(f"--config.{k}={_format(v)}" for k, v in overrides.items())]
 
 
-# ============================================================================ one run (the job)
 def final_metrics(workdir: str) -> dict[str, float]:
   """The last value of every metric in WORKDIR/metrics.jsonl (train and eval records)."""
   out: dict[str, float] = {}
@@ -337,7 +182,7 @@ def plan(argv_spec: str, spec_file: str, fixed_text: str):
   spec = parse_spec(argv_spec, "--sweep")
   if spec_file:
     with open(spec_file, encoding="utf-8") as f:
-      spec.update({_field_name(k): v for k, v in json.load(f).items()})
+      spec.update({field_name(k): v for k, v in json.load(f).items()})
   if not spec:
     raise ConfigError("nothing to sweep: give --sweep='FIELD=V1,V2' or --sweep_file=spec.json")
   spec = checked_spec(base, spec, "--sweep", FLAGS.random > 0)

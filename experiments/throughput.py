@@ -21,10 +21,11 @@ rematerialisation, state donation, metrics fetched one step late). It also repor
 step's buffer total (arguments, unaliased outputs, temporaries), compile time and minor page
 faults per timed step for each: both programs share one malloc heap (gptjax/backends/xla_cpu/host_memory.py), and
 when one side keeps faulting pages in, the comparison measures the heap, not the switch.
+
+This file measures; the tables, progress lines, plot and --output lines are in throughput_report.py.
 """
 
 import importlib.util
-import json
 import pathlib
 import resource
 import sys
@@ -49,6 +50,7 @@ from gptjax.training import sharding  # pylint: disable=g-import-not-at-top
 from gptjax.training import train_step  # pylint: disable=g-import-not-at-top
 
 from experiments import profile_breakdown  # pylint: disable=g-import-not-at-top
+from experiments import throughput_report  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("families", ["gpt", "bert", "t5"], "Config files under configs/.")
@@ -342,21 +344,13 @@ def main(argv):
   print(f"matmul peak ({n}x{n}): float32 {peak32 / 1e12:.3f} TFLOP/s; {FLAGS.dtype} "
         f"{peak / 1e12:.3f} TFLOP/s")
   if FLAGS.ab:
-    print("| model | switch | on: ms/step | off: ms/step | on is faster by | "
-          "buffers MiB on / off | compile s on / off | page faults/step on / off |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(throughput_report.AB_HEADER)
     for family in FLAGS.families:
       for variant in FLAGS.variants:
         for name in FLAGS.ab:
           r = compare_switch(family, variant, name)
-          print(f"| {family}:{variant} | {name} | {1000 * r['on_step_s']:.0f} | "
-                f"{1000 * r['off_step_s']:.0f} | {r['speedup']:.3f}x | "
-                f"{r['on_buffers_mib']:.0f} / {r['off_buffers_mib']:.0f} | "
-                f"{r['on_compile_s']:.1f} / {r['off_compile_s']:.1f} | "
-                f"{r['on_faults_per_step']:.0f} / {r['off_faults_per_step']:.0f} |", flush=True)
-          if FLAGS.output:
-            with open(FLAGS.output, "a") as f:
-              f.write(json.dumps({"device": device, **r}) + "\n")
+          print(throughput_report.ab_row(r), flush=True)
+          throughput_report.append_jsonl(FLAGS.output, [{"device": device, **r}])
     return
   # The peak is measured again after every model and MFU is taken against the highest
   # measurement of the run: a shared machine's speed drifts, and the highest peak gives the
@@ -368,45 +362,17 @@ def main(argv):
       r = measure(family, variant)
       rows.append(r)
       peaks.append(flops.measure_matmul_peak(dt, n=n))
-      print(f"{family}:{variant}  {r['tokens_per_s']:.0f} tok/s  "
-            f"{r['tflops_per_s']:.3f} TFLOP/s  compile {r['compile_s']:.1f}s  "
-            f"step {1000 * r['step_s']:.0f}ms  page faults/step {r['page_faults_per_step']:.0f}  "
-            f"(matmul peak now {peaks[-1] / 1e12:.3f})", flush=True)
-      if r["breakdown"]:
-        b = r["breakdown"]
-        print(f"  profiled step {1000 * b['profiled_step_s']:.0f}ms, top ops (ms/step): " +
-              ", ".join(f"{op} {cls} {ms:.1f}" for op, cls, ms, _ in b["top_ops"][:4]), flush=True)
-        for scope, cls, ms, n_ops in b["top_scopes"][:FLAGS.top_scopes]:
-          print(f"    {ms:8.2f} ms/step  {cls:<9} {n_ops:3d} ops  {scope}", flush=True)
+      throughput_report.print_progress(r, peaks[-1], FLAGS.top_scopes)
   peak = max(peaks)
   print(f"\nmatmul peak: {min(peaks) / 1e12:.3f} to {peak / 1e12:.3f} TFLOP/s over the run "
         f"({len(peaks)} measurements); MFU is against {peak / 1e12:.3f}")
   for r in rows:
     r["mfu"] = r["tflops_per_s"] * 1e12 / (peak * jax.device_count())
-    if FLAGS.output:
-      with open(FLAGS.output, "a") as f:
-        f.write(json.dumps({"device": device, "peak_flops": peak, "peak_flops_all": peaks,
-                            **r}) + "\n")
-  print("\n| model | params | batch x T | tokens/s | loss-bearing tokens/s | MFU | compile s | "
-        "peak mem GiB |")
-  print("|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    shape = f"{r['batch']} x {r['seq_len']}" + (f"+{r['target_len']}" if r["target_len"] else "")
-    print(f"| {r['family']}:{r['variant']} | {r['params'] / 1e6:.1f}M | {shape} | "
-          f"{r['tokens_per_s']:.0f} | {r['loss_tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
-          f"{r['compile_s']:.1f} | "
-          f"{r['peak_mem_gb']:.2f} |")
+  throughput_report.append_jsonl(FLAGS.output, [{"device": device, "peak_flops": peak,
+                                                 "peak_flops_all": peaks, **r} for r in rows])
+  throughput_report.print_table(rows)
   if FLAGS.breakdown:
-    print("\nstep-time breakdown, % of the profiled step's wall time:")
-    print(f"{'model':<22}" + profile_breakdown.header())
-    for r in rows:
-      print(f"{r['family'] + ':' + r['variant']:<22}" +
-            profile_breakdown.format_row(r["breakdown"]["fractions"]))
-    if FLAGS.plot:
-      profile_breakdown.plot(
-          [(f"{r['family']}:{r['variant']}\n{100 * r['mfu']:.1f}% MFU", r["breakdown"]["fractions"])
-           for r in rows], FLAGS.plot, f"train-step time on {device}, {FLAGS.dtype}")
-      print(f"wrote {FLAGS.plot}")
+    throughput_report.print_breakdown(rows, FLAGS.plot, device, FLAGS.dtype)
 
 
 if __name__ == "__main__":
