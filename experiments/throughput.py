@@ -1,11 +1,13 @@
-"""Train-step throughput and MFU per family and variant, against a matmul peak measured in this run.
+"""Train-step throughput and MFU per family and variant, against the peak training reports MFU with.
 
   python experiments/throughput.py --families=gpt,bert,t5 --variants=small,base
   python experiments/throughput.py --families=gpt --variants=gpt2_124m_t128 --batch_size=4
 
 Speed does not depend on token values, so batches are random ids in the exact layout each
 objective's pipeline produces (gptjax/data/batch_spec.py). MFU = model FLOPs/s (6N + attention,
-encoder and decoder counted separately) / the float32 (or bfloat16) matmul peak measured here.
+encoder and decoder counted separately) / gptjax/training/peak_flops.py's peak, as in the train
+loop's metrics: the device's nominal peak where it is known, else (CPU) the best 2048^2 matmul
+rate timed in this run, timed again after every model.
 
 With --breakdown (default), a few more steps run under `jax.profiler.trace` after the timed ones
 and experiments/profile_breakdown.py splits their wall time into matmul, attention,
@@ -35,7 +37,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ from gptjax.model import models  # pylint: disable=g-import-not-at-top
 from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
 from gptjax.model.ops import ops_for  # pylint: disable=g-import-not-at-top
 from gptjax.training import flops  # pylint: disable=g-import-not-at-top
+from gptjax.training import peak_flops  # pylint: disable=g-import-not-at-top
 from gptjax.training import sharding  # pylint: disable=g-import-not-at-top
 from gptjax.training import train_step  # pylint: disable=g-import-not-at-top
 
@@ -335,14 +337,18 @@ def main(argv):
   if FLAGS.kernels != "xla":  # the XLA:CPU backend's malloc settings, before JAX starts threads
     from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.configure()
-  dt = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
-  n = 4096 if jax.default_backend() != "cpu" else 2048
-  peak = flops.measure_matmul_peak(dt, n=n)
-  peak32 = peak if FLAGS.dtype == "float32" else flops.measure_matmul_peak(jnp.float32, n=n)
+  rates = []  # the matmul rates timed in this run (a measured peak only)
+
+  def timed_rate(dtype: str) -> float:
+    rates.append(peak_flops.measure_matmul_rate(dtype))
+    return rates[-1]
+
+  peak = peak_flops.Peak(FLAGS.dtype, measure=timed_rate)  # the train loop's peak (MFU)
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
   print(f"device: {device}")
-  print(f"matmul peak ({n}x{n}): float32 {peak32 / 1e12:.3f} TFLOP/s; {FLAGS.dtype} "
-        f"{peak / 1e12:.3f} TFLOP/s")
+  print(f"peak: {peak.flops / 1e12:.3f} TFLOP/s {FLAGS.dtype}, " +
+        (f"the best {peak_flops.MEASURE_N}^2 matmul timed in this run" if peak.measured
+         else f"nominal ({peak.source})"))
   if FLAGS.ab:
     print(throughput_report.AB_HEADER)
     for family in FLAGS.families:
@@ -352,24 +358,23 @@ def main(argv):
           print(throughput_report.ab_row(r), flush=True)
           throughput_report.append_jsonl(FLAGS.output, [{"device": device, **r}])
     return
-  # The peak is measured again after every model and MFU is taken against the highest
+  # A measured peak is measured again after every model and MFU is taken against the highest
   # measurement of the run: a shared machine's speed drifts, and the highest peak gives the
   # lowest (conservative) MFU.
-  peaks = [peak]
   rows = []
   for family in FLAGS.families:
     for variant in FLAGS.variants:
       r = measure(family, variant)
       rows.append(r)
-      peaks.append(flops.measure_matmul_peak(dt, n=n))
-      throughput_report.print_progress(r, peaks[-1], FLAGS.top_scopes)
-  peak = max(peaks)
-  print(f"\nmatmul peak: {min(peaks) / 1e12:.3f} to {peak / 1e12:.3f} TFLOP/s over the run "
-        f"({len(peaks)} measurements); MFU is against {peak / 1e12:.3f}")
+      peak.refresh()
+      throughput_report.print_progress(r, rates[-1] if rates else peak.flops, FLAGS.top_scopes)
+  if rates:
+    print(f"\nmatmul peak: {min(rates) / 1e12:.3f} to {max(rates) / 1e12:.3f} TFLOP/s over the run "
+          f"({len(rates)} measurements); MFU is against {peak.flops / 1e12:.3f}")
   for r in rows:
-    r["mfu"] = r["tflops_per_s"] * 1e12 / (peak * jax.device_count())
-  throughput_report.append_jsonl(FLAGS.output, [{"device": device, "peak_flops": peak,
-                                                 "peak_flops_all": peaks, **r} for r in rows])
+    r["mfu"] = r["tflops_per_s"] * 1e12 / peak.flops
+  throughput_report.append_jsonl(FLAGS.output, [{"device": device, **peak.fields(),
+                                                 "peak_flops_all": rates, **r} for r in rows])
   throughput_report.print_table(rows)
   if FLAGS.breakdown:
     throughput_report.print_breakdown(rows, FLAGS.plot, device, FLAGS.dtype)

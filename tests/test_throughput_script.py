@@ -27,6 +27,7 @@ def test_tiny_gpt_and_t5_rows_with_breakdown(tmp_path):
   for r in rows:
     assert r["tokens_per_s"] > 0 and 0.0 < r["mfu"] < 1.0
     assert r["peak_flops"] == max(r["peak_flops_all"]) and len(r["peak_flops_all"]) == 3
+    assert r["peak_source"] == "measured"  # gptjax/training/peak_flops.py's CPU peak, as in training
     fractions = r["breakdown"]["fractions"]
     assert abs(sum(fractions.values()) - 1.0) < 1e-6
     assert fractions["matmul"] > 0 and fractions["optimizer"] > 0
