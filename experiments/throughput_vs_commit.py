@@ -33,6 +33,8 @@ flags.DEFINE_list("families", ["gpt", "bert", "t5"], "Passed to throughput.py.")
 flags.DEFINE_list("variants", ["small"], "Passed to throughput.py.")
 flags.DEFINE_list("extra", [], "More throughput.py flags for both sides, e.g. --extra=--steps=5.")
 flags.DEFINE_string("out", "", "Write the markdown report here (and the raw rows beside it).")
+flags.DEFINE_string("from_jsonl", "", "Rewrite the report from the raw rows of an earlier run (its "
+                    "OUT.jsonl) instead of running anything.")
 
 
 def _git(checkout: pathlib.Path, *args: str) -> str:
@@ -60,13 +62,20 @@ def run_side(checkout: pathlib.Path, output: str) -> tuple[list[dict], float, st
   return rows, time.time() - t0, load
 
 
-def report(runs: list[dict], new_commit: str, old_commit: str, command: str) -> str:
-  """The markdown report: per model, both sides' tokens/s and MFU against the common peak."""
+def paired_ratios(runs: list[dict], model: str) -> list[float]:
+  """new / old tokens/s of `model` within each round (the two runs nearest in time)."""
+  tok = {(run["round"], run["side"]): r["tokens_per_s"] for run in runs for r in run["rows"]
+         if f"{r['family']}:{r['variant']}" == model}
+  return [tok[(i, "new")] / tok[(i, "old")] for i in sorted({i for i, _ in tok})
+          if (i, "new") in tok and (i, "old") in tok]
+
+
+def report(runs: list[dict], header: list[str]) -> str:
+  """The markdown report: `header` lines, then per model both sides' tokens/s and MFU against the
+  common peak."""
   peak = max(max(r.get("peak_flops_all") or [r["peak_flops"]]) for run in runs for r in run["rows"])
   models = list(dict.fromkeys(f"{r['family']}:{r['variant']}" for r in runs[0]["rows"]))
-  lines = [f"command: `{command}`", f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-           f"new: {new_commit}; old: {old_commit}",
-           f"common peak: {peak / 1e12:.3f} TFLOP/s float32, the highest 2048^2 matmul rate "
+  lines = [*header, f"common peak: {peak / 1e12:.3f} TFLOP/s float32, the highest 2048^2 matmul rate "
            f"timed by any of the {len(runs)} runs", "",
            "| round | side | wall s | load (1/5/15 min) before | " +
            " | ".join(f"{m} tok/s" for m in models) + " |",
@@ -76,8 +85,9 @@ def report(runs: list[dict], new_commit: str, old_commit: str, command: str) -> 
     lines.append(f"| {run['round']} | {run['side']} | {run['wall_s']:.0f} | {run['load']} | " +
                  " | ".join(f"{by_model[m]['tokens_per_s']:.0f}" for m in models) + " |")
   lines += ["", "Median over rounds; MFU = model FLOP/s / the common peak.", "",
-            "| model | old tok/s | new tok/s | new / old | old MFU | new MFU | MFU points | "
-            "old / new FLOPs per token |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+            "| model | old tok/s | new tok/s | new / old | new / old per round (geo. mean) | "
+            "old MFU | new MFU | MFU points | old / new FLOPs per token |",
+            "|---|---:|---:|---:|---|---:|---:|---:|---|"]
   for m in models:
     side = {}
     for name in ("old", "new"):
@@ -87,7 +97,10 @@ def report(runs: list[dict], new_commit: str, old_commit: str, command: str) -> 
                     "mfu": statistics.median(r["tflops_per_s"] * 1e12 / peak for r in rows),
                     "flop_per_token": rows[0]["tflops_per_s"] * 1e12 / rows[0]["tokens_per_s"]}
     o, n = side["old"], side["new"]
+    pairs = paired_ratios(runs, m)
+    geo = statistics.geometric_mean(pairs)
     lines.append(f"| {m} | {o['tok']:.0f} | {n['tok']:.0f} | {n['tok'] / o['tok']:.3f} | "
+                 f"{', '.join(f'{x:.2f}' for x in pairs)} ({geo:.3f}) | "
                  f"{100 * o['mfu']:.1f}% | {100 * n['mfu']:.1f}% | "
                  f"{100 * (n['mfu'] - o['mfu']):+.1f} | "
                  f"{o['flop_per_token'] / 1e6:.2f}M / {n['flop_per_token'] / 1e6:.2f}M |")
@@ -96,11 +109,19 @@ def report(runs: list[dict], new_commit: str, old_commit: str, command: str) -> 
 
 def main(argv):
   del argv
+  commit = lambda path: _git(path, "log", "-1", "--format=%h (%cd)", "--date=short")
+  if FLAGS.from_jsonl:
+    with open(FLAGS.from_jsonl, encoding="utf-8") as f:
+      runs = [json.loads(line) for line in f if line.strip()]
+    print(report(runs, [f"tables recomputed from the rows in {FLAGS.from_jsonl} by "
+                        f"`python experiments/throughput_vs_commit.py {' '.join(sys.argv[1:])}` "
+                        f"at {commit(REPO)}"]))
+    return
   if not FLAGS.old_checkout or not (pathlib.Path(FLAGS.old_checkout) / "experiments").is_dir():
     raise SystemExit("error: --old_checkout must be a checkout of the old commit "
                      "(git worktree add --detach DIR COMMIT)")
   sides = {"new": REPO, "old": pathlib.Path(FLAGS.old_checkout).resolve()}
-  commits = {name: _git(path, "log", "-1", "--format=%h (%cd)", "--date=short") for name, path in sides.items()}
+  commits = {name: commit(path) for name, path in sides.items()}
   runs = []
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(FLAGS.rounds):
@@ -111,7 +132,9 @@ def main(argv):
             f"{r['family']}:{r['variant']} {r['tokens_per_s']:.0f} tok/s" for r in rows) +
             f"  ({wall:.0f} s, load {load})", flush=True)
   command = "python experiments/throughput_vs_commit.py " + " ".join(sys.argv[1:])
-  markdown = report(runs, commits["new"], commits["old"], command)
+  markdown = report(runs, [f"command: `{command}`",
+                           f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+                           f"new: {commits['new']}; old: {commits['old']}"])
   print(markdown)
   if FLAGS.out:
     pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
