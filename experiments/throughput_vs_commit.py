@@ -10,6 +10,10 @@ process with the other checkout off sys.path. Both sides' MFU is taken against o
 highest matmul rate any of the runs timed (both time the same 2048^2 float32 matmul). The
 new/old ratio of tokens/s per model does not depend on any peak. Model FLOPs per token come from
 each side's own gptjax/training/flops.py and are printed, so a change in the count shows.
+
+--compare_hlo compiles each model's train step from both checkouts instead and says whether the
+optimized programs are the same (every computation and instruction, less source metadata): when they are, a
+difference in the timings is the machine's, not the code's.
 """
 
 import json
@@ -33,6 +37,9 @@ flags.DEFINE_list("families", ["gpt", "bert", "t5"], "Passed to throughput.py.")
 flags.DEFINE_list("variants", ["small"], "Passed to throughput.py.")
 flags.DEFINE_list("extra", [], "More throughput.py flags for both sides, e.g. --extra=--steps=5.")
 flags.DEFINE_string("out", "", "Write the markdown report here (and the raw rows beside it).")
+flags.DEFINE_bool("compare_hlo", False, "Instead of timing: compile each model's train step from "
+                  "both checkouts and compare the optimized HLO (computations and instructions, "
+                  "less source metadata), to tell a change in the program from a change in the machine.")
 flags.DEFINE_string("from_jsonl", "", "Rewrite the report from the raw rows of an earlier run (its "
                     "OUT.jsonl) instead of running anything.")
 
@@ -60,6 +67,55 @@ def run_side(checkout: pathlib.Path, output: str) -> tuple[list[dict], float, st
   with open(output, encoding="utf-8") as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return rows, time.time() - t0, load
+
+
+# Run in a fresh process per checkout: that checkout's throughput.build, its step compiled.
+_HLO_PROGRAM = r"""
+import hashlib, importlib.util, pathlib, re, sys
+checkout, family, variant = sys.argv[1:4]
+sys.path.insert(0, checkout)
+spec = importlib.util.spec_from_file_location(
+    "throughput_under_test", pathlib.Path(checkout, "experiments", "throughput.py"))
+tp = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tp)
+tp.FLAGS(["throughput.py", "--nobreakdown", *sys.argv[4:]])
+import jax
+_, _, mesh, step, state, batches, _ = tp.build(family, variant)
+with jax.set_mesh(mesh):
+  text = step.lower(state, batches[0]).compile().as_text()
+lines = [re.sub(r",? ?(metadata=\{[^}]*\}|stack_frame_id=\d+)", "", line)
+         for line in text.splitlines() if re.match(r"\s*(ROOT )?%|[A-Z%].*\{$|ENTRY", line)]
+print(len(lines), hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16])
+"""
+
+
+def hlo_fingerprint(checkout: pathlib.Path, family: str, variant: str) -> tuple[int, str]:
+  """(instructions, hash) of the optimized HLO of one model's train step built by `checkout`."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  result = subprocess.run([sys.executable, "-c", _HLO_PROGRAM, str(checkout), family, variant,
+                           *FLAGS.extra], cwd=checkout, env=env, capture_output=True, text=True,
+                          check=False)
+  if result.returncode != 0:
+    raise SystemExit(f"error: compiling {family}:{variant} in {checkout} failed:\n"
+                     f"{result.stderr[-2000:]}")
+  count, digest = result.stdout.split()[-2:]
+  return int(count), digest
+
+
+def compare_hlo(sides: dict, commits: dict) -> str:
+  """Markdown: per model, both checkouts' optimized train-step HLO and whether they are the same."""
+  lines = [f"`python experiments/throughput_vs_commit.py {' '.join(sys.argv[1:])}`, "
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+           f"new: {commits['new']}; old: {commits['old']}", "",
+           "| model | old: HLO lines, hash | new: HLO lines, hash | same program |",
+           "|---|---|---|---|"]
+  for family in FLAGS.families:
+    for variant in FLAGS.variants:
+      old, new = (hlo_fingerprint(sides[name], family, variant) for name in ("old", "new"))
+      lines.append(f"| {family}:{variant} | {old[0]}, {old[1]} | {new[0]}, {new[1]} | "
+                   f"{'yes' if old == new else 'no'} |")
+      print(lines[-1], flush=True)
+  return "\n".join(lines) + "\n"
 
 
 def paired_ratios(runs: list[dict], model: str) -> list[float]:
@@ -122,6 +178,12 @@ def main(argv):
                      "(git worktree add --detach DIR COMMIT)")
   sides = {"new": REPO, "old": pathlib.Path(FLAGS.old_checkout).resolve()}
   commits = {name: commit(path) for name, path in sides.items()}
+  if FLAGS.compare_hlo:
+    markdown = compare_hlo(sides, commits)
+    print(markdown)
+    if FLAGS.out:
+      pathlib.Path(FLAGS.out).write_text(markdown, encoding="utf-8")
+    return
   runs = []
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(FLAGS.rounds):
