@@ -39,7 +39,7 @@ flags.DEFINE_list("extra", [], "More throughput.py flags for both sides, e.g. --
 flags.DEFINE_string("out", "", "Write the markdown report here (and the raw rows beside it).")
 flags.DEFINE_bool("compare_hlo", False, "Instead of timing: compile each model's train step from "
                   "both checkouts and compare the optimized HLO (computations and instructions, "
-                  "less source metadata), to tell a change in the program from a change in the machine.")
+                  "less source metadata): a change in the program or in the machine.")
 flags.DEFINE_string("from_jsonl", "", "Rewrite the report from the raw rows of an earlier run (its "
                     "OUT.jsonl) instead of running anything.")
 
