@@ -142,8 +142,8 @@ def report(runs: list[dict], header: list[str]) -> str:
                  " | ".join(f"{by_model[m]['tokens_per_s']:.0f}" for m in models) + " |")
   lines += ["", "Median over rounds; MFU = model FLOP/s / the common peak.", "",
             "| model | old tok/s | new tok/s | new / old | new / old per round (geo. mean) | "
-            "old MFU | new MFU | MFU points | old / new FLOPs per token |",
-            "|---|---:|---:|---:|---|---:|---:|---:|---|"]
+            "old MFU | new MFU | MFU points | within 3 points | old / new FLOPs per token |",
+            "|---|---:|---:|---:|---|---:|---:|---:|---|---|"]
   for m in models:
     side = {}
     for name in ("old", "new"):
@@ -159,6 +159,7 @@ def report(runs: list[dict], header: list[str]) -> str:
                  f"{', '.join(f'{x:.2f}' for x in pairs)} ({geo:.3f}) | "
                  f"{100 * o['mfu']:.1f}% | {100 * n['mfu']:.1f}% | "
                  f"{100 * (n['mfu'] - o['mfu']):+.1f} | "
+                 f"{'yes' if abs(n['mfu'] - o['mfu']) <= 0.03 else 'no'} | "
                  f"{o['flop_per_token'] / 1e6:.2f}M / {n['flop_per_token'] / 1e6:.2f}M |")
   return "\n".join(lines) + "\n"
 
