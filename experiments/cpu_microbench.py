@@ -49,8 +49,8 @@ from gptjax.backends.xla_cpu import fast_paths  # pylint: disable=g-import-not-a
 from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
 from gptjax.model.ops import XLA  # pylint: disable=g-import-not-at-top
 
-from experiments.cpu_microbench_kernels import B, L  # pylint: disable=g-import-not-at-top
-from experiments.cpu_microbench_kernels import attention, attention_layouts, batched_dot, elementwise_kernels  # pylint: disable=g-import-not-at-top
+from experiments.cpu_microbench_kernels import (  # pylint: disable=g-import-not-at-top
+    B, L, attention, attention_layouts, batched_dot, elementwise_kernels)
 from experiments.cpu_microbench_timing import timed, timed_torch  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
