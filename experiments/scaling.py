@@ -147,7 +147,7 @@ def plan_runs(preset: dict) -> tuple[list, list]:
       for seed in seeds:
         config = sweep.resolve(BASE, overrides_for(preset, shape, seed, steps))
         overrides = overrides_for(preset, shape, seed, steps)
-        runs.append((sweep.run_id(config), overrides, config))
+        runs.append((sweep.run_id(BASE, overrides), overrides, config))
         described.append({"budget": budget, "embed_dim": shape[0], "num_layers": shape[1],
                           "params": total, "params_non_embedding": non_embed, "seed": seed,
                           "steps": steps, "tokens": steps * tokens_per_step})

@@ -6,7 +6,9 @@
       --sweep='train.learning_rate=loguniform(1e-4,1e-2);model.num_layers=2,4'
   python experiments/sweep.py ... --sweep_file=spec.json --cluster=slurm --slurm_partition=gpu
 
-Every run gets ROOT/<run id>, the run id being a hash of its resolved config. Runs are
+Every run gets ROOT/<run id>, the run id being a hash of its point (base config and overrides;
+a finished run whose recorded config differs from what the point now resolves to stops the
+sweep with one line). Runs are
 launched through submitit (cluster local, slurm or debug: the same code path) at most
 --parallel at a time, or one after another inside this process (--cluster=inprocess: no
 submitit, no run.py start-up per run; for smoke tests and quick CPU sweeps).
@@ -43,7 +45,7 @@ from experiments import sweep_inprocess  # pylint: disable=g-import-not-at-top,w
 from experiments.sweep_registry import REGISTRY, Registry, write_result, write_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 # resolve and run_id are part of this module's interface (experiments/scaling.py uses them)
 from experiments.sweep_spec import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-    checked_spec, field_name, load_base_config, parse_spec, points, resolve, run_id)
+    checked_spec, config_drift, field_name, load_base_config, parse_spec, points, resolve, run_id)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/gpt.py:tiny", "Base config, FILE:VARIANT.")
@@ -192,13 +194,50 @@ def plan(argv_spec: str, spec_file: str, fixed_text: str):
   for point in points(spec, FLAGS.random, FLAGS.seed):
     overrides = {**fixed, **point}
     config = resolve(FLAGS.config, overrides)
-    runs.append((run_id(config), overrides, config))
+    runs.append((run_id(FLAGS.config, overrides), overrides, config))
   return runs
 
 
 def sweep(root: str) -> Registry:
   """Plans, skips finished runs, launches the rest through submitit and waits for them."""
   return launch(root, FLAGS.config, plan(FLAGS.sweep, FLAGS.sweep_file, FLAGS.set))
+
+
+def adopt_renamed_runs(registry: Registry, root: str, base_spec: str, runs: list) -> None:
+  """Renames finished runs recorded under an older run id (a resolved-config hash) to today's id.
+
+  Matched by base config and overrides; of several matches the latest finished one is kept and
+  the others stay where they are, out of the plan.
+  """
+  for rid, overrides, _ in runs:
+    if rid in registry.runs:
+      continue
+    same = [r for r in registry.runs.values() if r.get("status") == "done"
+            and r.get("base_config") == base_spec and r.get("overrides") == overrides
+            and os.path.isdir(os.path.join(root, r["run_id"]))]
+    if not same:
+      continue
+    old = max(same, key=lambda r: r.get("finished", ""))
+    os.rename(os.path.join(root, old["run_id"]), os.path.join(root, rid))
+    registry.runs[rid] = {**registry.runs.pop(old["run_id"]), "run_id": rid,
+                          "previous_run_id": old["run_id"]}
+    registry.save()
+    print(f"[sweep] {old['run_id']} is now {rid} (run ids hash the sweep point since 2026-11-30)",
+          flush=True)
+
+
+def check_no_drift(rid: str, workdir: str, config) -> None:
+  """One line, before anything runs, when a finished run was trained with other config values."""
+  path = os.path.join(workdir, "manifest.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    recorded = json.load(f).get("config", {})
+  drift = config_drift(config, recorded)
+  if drift:
+    raise ConfigError(f"finished run {workdir} was trained with other values than the sweep now "
+                      f"resolves ({'; '.join(drift[:3])}{' ...' if len(drift) > 3 else ''}): the "
+                      f"base config changed; restore it, or move {workdir} away to rerun that run")
 
 
 def launch(root: str, base_spec: str, runs: list) -> Registry:
@@ -210,13 +249,16 @@ def launch(root: str, base_spec: str, runs: list) -> Registry:
   commit = run_records.git_commit()
   todo = []
   configs = {rid: config for rid, _, config in runs}
-  for rid, overrides, _ in runs:
-    workdir = os.path.join(os.path.abspath(root), rid)
+  adopt_renamed_runs(registry, root, base_spec, runs)
+  for rid, overrides, config in runs:
+    workdir = os.path.join(os.path.abspath(root), rid)  # the root may have moved since
     if rid not in registry.runs or registry.runs[rid].get("status") != "done":
-      registry.update(rid, overrides=overrides, workdir=workdir, base_config=base_spec,
-                      git_commit=commit, status="pending")
+      registry.update(rid, overrides=overrides, base_config=base_spec, git_commit=commit,
+                      status="pending")
+    registry.update(rid, workdir=workdir)
     r = refresh(registry, rid)
     if r["status"] == "done":
+      check_no_drift(rid, workdir, config)
       print(f"[sweep] {rid} done already, skipped  {overrides}", flush=True)
     else:
       todo.append(rid)

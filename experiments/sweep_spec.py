@@ -167,10 +167,45 @@ def resolve(base_spec: str, overrides: dict[str, Any]):
   return config
 
 
-def run_id(config) -> str:
-  """The id of a run: a hash of its fully resolved config (less machine-local paths)."""
+# Machine-local or display-only fields: never part of what a run computes.
+LOCAL_FIELDS = ("data.raw_dir", "data.tfds_data_dir", "train.progress")
+
+
+def run_id(base_spec: str, overrides: dict[str, Any]) -> str:
+  """The id of a run: a hash of its sweep point (base config and overrides).
+
+  The point, not the resolved config: a code change that adds a config field must not turn every
+  finished run into a new one. A changed value under a finished run is caught by `config_drift`.
+  """
+  text = json.dumps([base_spec, overrides], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def legacy_run_id(config) -> str:
+  """The run id before 2026-11-30: a hash of the fully resolved config (less LOCAL_FIELDS)."""
   resolved = json.loads(config.to_json_best_effort())
-  for section, key in (("data", "raw_dir"), ("data", "tfds_data_dir"), ("train", "progress")):
+  for field in LOCAL_FIELDS:
+    section, key = field.split(".")
     resolved.get(section, {}).pop(key, None)
   text = json.dumps(resolved, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_drift(config, recorded: dict) -> list[str]:
+  """`field: recorded -> now` for every field a finished run recorded with another value.
+
+  Fields only one side has (added or removed by a code change) are not drift.
+  """
+  now, then = _flat(json.loads(config.to_json_best_effort())), _flat(recorded)
+  return [f"{k}: {then[k]!r} -> {now[k]!r}" for k in sorted(now.keys() & then.keys())
+          if k not in LOCAL_FIELDS and now[k] != then[k]]

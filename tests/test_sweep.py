@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, one_error_line
 
 SET = "train.steps=3;train.eval_steps=1;train.log_every=1;data.max_docs=50"
 
@@ -57,6 +57,30 @@ def test_two_runs_local_executor_then_skip_on_rerun(tmp_path, data_cache):
   for rid, r in _registry(root).items():
     assert r["status"] == "done"
     assert os.path.getsize(os.path.join(r["workdir"], "train.log")) == log_sizes[rid]
+
+  # a moved root whose runs are recorded under an older run id: adopted and skipped, not retrained
+  moved = tmp_path / "moved"
+  os.rename(root, moved)
+  rid = sorted(runs)[0]
+  os.rename(moved / rid, moved / "0ld0ld0ld0ld")
+  text = (moved / "registry.jsonl").read_text().replace(rid, "0ld0ld0ld0ld")
+  (moved / "registry.jsonl").write_text(text)
+  again = _sweep(moved, "--sweep=config.train.learning_rate=1e-3,3e-3", f"--set={SET}",
+                 "--cluster=local")
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert f"0ld0ld0ld0ld is now {rid}" in again.stdout and "2 finished, 0 to launch" in again.stdout
+  assert {r: v["workdir"] for r, v in _registry(moved).items()} == {r: str(moved / r) for r in runs}
+  assert os.path.getsize(moved / rid / "train.log") == log_sizes[rid]
+
+  # a finished run trained with other values than the point now resolves to: one line, nothing runs
+  manifest = json.loads((moved / rid / "manifest.json").read_text())
+  manifest["config"]["model"]["embed_dim"] += 8
+  (moved / rid / "manifest.json").write_text(json.dumps(manifest))
+  drift = _sweep(moved, "--sweep=config.train.learning_rate=1e-3,3e-3", f"--set={SET}",
+                 "--cluster=local")
+  assert drift.returncode == 2, drift.stdout[-1000:] + drift.stderr[-1000:]
+  line = one_error_line(drift.stderr)
+  assert "model.embed_dim" in line and "move" in line, line
 
 
 def test_unknown_field_is_one_line_and_launches_nothing(tmp_path):
