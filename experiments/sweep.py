@@ -204,20 +204,20 @@ def sweep(root: str) -> Registry:
 
 
 def adopt_renamed_runs(registry: Registry, root: str, base_spec: str, runs: list) -> None:
-  """Renames finished runs recorded under an older run id (a resolved-config hash) to today's id.
+  """Renames runs recorded under an older run id (a resolved-config hash) to today's id.
 
-  Matched by base config and overrides; of several matches the latest finished one is kept and
-  the others stay where they are, out of the plan.
+  Matched by base config and overrides, so an interrupted run resumes from its checkpoint; of
+  several matches the latest finished one is kept and the others stay, out of the plan.
   """
   for rid, overrides, _ in runs:
     if rid in registry.runs:
       continue
-    same = [r for r in registry.runs.values() if r.get("status") == "done"
-            and r.get("base_config") == base_spec and r.get("overrides") == overrides
-            and os.path.isdir(os.path.join(root, r["run_id"]))]
+    same = [r for r in registry.runs.values() if r.get("base_config") == base_spec
+            and r.get("overrides") == overrides and os.path.isdir(os.path.join(root, r["run_id"]))]
     if not same:
       continue
-    old = max(same, key=lambda r: r.get("finished", ""))
+    old = max(same, key=lambda r: (r.get("status") == "done", r.get("finished", ""),
+                                   r.get("started", "")))
     os.rename(os.path.join(root, old["run_id"]), os.path.join(root, rid))
     registry.runs[rid] = {**registry.runs.pop(old["run_id"]), "run_id": rid,
                           "previous_run_id": old["run_id"]}
