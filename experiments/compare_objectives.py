@@ -198,6 +198,7 @@ def run_probe(pre_dir: str, workdir: str, label: str, seed: int, n_train: int, n
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from gptjax.training import train_step
   from gptjax.inference import sentence_embeddings as embeddings
   from gptjax.model import models
   from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
@@ -208,8 +209,8 @@ def run_probe(pre_dir: str, workdir: str, label: str, seed: int, n_train: int, n
     model = models.make_model(cfg)
     if random_body:
       target = run_config.data.target_len if cfg.family == "encoder_decoder" else 0
-      params = nn.meta.unbox(models.init_params(cfg, jax.random.key(1000 + seed), 1,
-                                                run_config.data.seq_len, target))
+      params = train_step.run_once(lambda: nn.meta.unbox(models.init_params(  # one compile
+          cfg, jax.random.key(1000 + seed), 1, run_config.data.seq_len, target)))
     train_x, train_y = _sst2("train.tsv")
     pick = np.random.default_rng(seed).permutation(len(train_x))[:n_train]
     dev_x, dev_y = _sst2("dev.tsv")

@@ -57,9 +57,13 @@ flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples for the intervals.")
 BASE = "configs/gpt.py:tiny"
 # (embed_dim, num_layers, num_heads); mlp 4x width
 PRESETS = {
+    # smoke: a constant learning rate after one warmup step, the same for every budget, so the
+    # runs of one size share one compiled train step (a cosine ending at each run's last step
+    # puts the run's length into the step: 6 compiles for 3 sizes)
     "smoke": dict(ladder=[(16, 1, 2), (32, 1, 4), (48, 1, 4)], budgets=[3e8, 1e9],
                   seeds=[0], vocab=512, seq_len=32, batch=8, eval_steps=4, lr=3e-3,
-                  max_docs=40, parallel=2, cluster="inprocess"),
+                  schedule="constant", warmup_steps=1, max_docs=40, parallel=2,
+                  cluster="inprocess"),
     # 41k..656k parameters around Chinchilla's N_opt ~ sqrt(C / 120) for these budgets (the 41k
     # size was added after the first runs put the C=1e12 minimum below 67k); about 1.7e14 FLOPs
     # over 36 runs (1-2 h at the 2.5e10 FLOP/s these widths reach on 2 idle cores)
@@ -89,7 +93,8 @@ def overrides_for(preset: dict, shape: tuple, seed: int, steps: int) -> dict:
           "data.seq_len": preset["seq_len"], "data.batch_size": preset["batch"],
           "data.eval_batch_size": preset["batch"], "seed": seed, "data.seed": seed,
           "train.steps": steps, "train.learning_rate": preset["lr"],
-          "train.warmup_steps": max(1, min(100, steps // 10)), "train.schedule": "cosine",
+          "train.warmup_steps": preset.get("warmup_steps") or max(1, min(100, steps // 10)),
+          "train.schedule": preset.get("schedule", "cosine"),
           "train.log_every": max(1, steps // 50), "train.eval_every": steps,
           "train.eval_steps": preset["eval_steps"], "train.ckpt_every": max(steps // 4, 1),
           "train.keep": 1}

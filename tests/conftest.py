@@ -74,3 +74,29 @@ def one_error_line(stderr: str) -> str:
   lines = [l for l in stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
   return lines[0]
+
+
+# The longest tests (end-to-end experiment smokes, subprocess runs: 20-70 s each on 2 cores),
+# by file and test function. They run first: with pytest-xdist's `-n 2` a worker that picks one
+# of them up last keeps the session waiting while the other worker idles. Only tests without
+# module-scoped fixtures are listed, so moving them splits no fixture's module.
+LONGEST_FIRST = (
+    ("test_preference.py", "test_sentiment_dpo_smoke_end_to_end_then_skips"),
+    ("test_scaling.py", "test_smoke_preset_end_to_end_then_skips_on_rerun"),
+    ("test_experiments.py", "test_smoke_preset_two_arms_end_to_end_then_skips_on_rerun"),
+    ("test_retrieval.py", "test_smoke_experiment_then_generation_with_sources"),
+    ("test_throughput_script.py", "test_tiny_gpt_and_t5_rows_with_breakdown"),
+    ("test_sweep.py", "test_two_runs_local_executor_then_skip_on_rerun"),
+    ("test_train.py", "test_cli_writes_metrics_and_a_loadable_checkpoint"),
+    ("test_train.py", "test_init_from_a_workdir_fine_tunes_with_its_tokenizer_and_rejects_other_shapes"),
+    ("test_train.py", "test_each_objective_trains_its_family"),
+    ("test_train.py", "test_ten_then_twenty_steps_equal_twenty_straight"),
+)
+
+
+def pytest_collection_modifyitems(items):
+  """Puts the LONGEST_FIRST tests first, in that order; the rest keep their order."""
+  rank = {key: i for i, key in enumerate(LONGEST_FIRST)}
+  def key(item):
+    return rank.get((item.path.name, getattr(item, "originalname", item.name)), len(rank))
+  items.sort(key=key)  # stable: equal keys keep the collection order

@@ -35,8 +35,8 @@ def _load_init_params(config, cfg: ModelConfig) -> Any:
                       "workdir or hf:DIR")
   _, params, _ = checkpointing.restore_for_inference(source)
   params = jax.device_get(params)
-  fresh = jax.device_get(jax.jit(lambda: nn.meta.unbox(models.init_params(
-      cfg, jax.random.key(config.seed), 1, seq_len, target_len)))())
+  fresh = jax.device_get(train_step.run_once(lambda: nn.meta.unbox(models.init_params(
+      cfg, jax.random.key(config.seed), 1, seq_len, target_len))))
   return _graft(fresh, params, source)
 
 
@@ -111,7 +111,8 @@ def initial_state(config, cfg: ModelConfig, mesh, given_params=None):
     return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                  opt_state=tx.init(params))
 
-  state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed), given_params)
+  state = train_step.run_once(init, jax.random.key(config.seed), given_params,
+                              out_shardings=shardings)
   return state, shardings, tx, model
 
 
