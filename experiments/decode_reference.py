@@ -191,6 +191,25 @@ def bandwidth_gb_s() -> float:
   return x.nbytes / best / 1e9
 
 
+def matmul_gflop_s(rows: int) -> float:
+  """GFLOP/s of XLA's dot [rows, 768] x [768, 3072] over 12 distinct weights (113 MB), best of 5.
+
+  Decoding's products at batch `rows`: each weight comes from memory, as in a decoding step.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ws = [jnp.full((768, 3072), 0.01 * (i + 1), jnp.float32) for i in range(12)]
+  x = jnp.ones((rows, 768), jnp.float32)
+  f = jax.jit(lambda x, ws: [jnp.dot(x, w) for w in ws])
+  jax.block_until_ready(f(x, ws))
+  best = float("inf")
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x, ws))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * rows * 768 * 3072 * len(ws) / best / 1e9
+
+
 def _spawn(spec: str) -> list[dict]:
   argv = [sys.executable, os.path.abspath(__file__), f"--worker={spec}"] + [
       a for a in sys.argv[1:] if not a.startswith("--worker")]
@@ -231,16 +250,17 @@ def main(argv):
   check = _spawn("check")[0]
   print(f"greedy tokens identical to HF: {check['identical']}; int8 tokens agreeing with fp32: "
         f"{check['int8_agree']:.3f}", flush=True)
-  results, bandwidth = [], []
+  results, bandwidth, gflops = [], [], []
   for r in range(_ROUNDS.value):
     bandwidth.append(bandwidth_gb_s())
+    gflops.append({rows: matmul_gflop_s(rows) for rows in (16, 1024)})
     for spec in _IMPLS.value:
       for row in _spawn(spec):
         row["round"] = r
         results.append(row)
         print(f"round {r} {spec:12s} batch {row['batch']:3d}: {row['tokens_per_s']:8.1f} tok/s",
               flush=True)
-  table = _table(results, bandwidth, check, check["params"])
+  table = _table(results, bandwidth, gflops, check, check["params"])
   for line in table:
     print(line)
   if _OUT.value:
@@ -254,7 +274,7 @@ def main(argv):
     print(f"wrote {_OUT.value}")
 
 
-def _table(results, bandwidth, check, n_params: int) -> list[str]:
+def _table(results, bandwidth, gflops, check, n_params: int) -> list[str]:
   """Markdown: per batch, best-of-rounds tokens/s of each implementation and the ratios."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   best = {}
@@ -296,6 +316,18 @@ def _table(results, bandwidth, check, n_params: int) -> list[str]:
             f"the best bandwidth measured here ({bw:.1f} GB/s) that allows at most "
             f"{bw * 1e9 / (4 * n_params):.1f} tok/s in fp32 and {bw * 1e9 / n_params:.1f} tok/s "
             "in int8."]
+  big = max(b for b in {r["batch"] for r in results})
+  if ("gptjax:fp32", big) in best:
+    step_gflop = 2 * n_params * big / 1e9
+    rate = best[("gptjax:fp32", big)] / big * step_gflop
+    g16 = max(g[16] for g in gflops)
+    g1024 = max(g[1024] for g in gflops)
+    lines += ["", f"Bound at batch {big}: a step is {step_gflop:.1f} GFLOP of weight products "
+              f"(2 x parameters x rows); gptjax fp32 ran {rate:.0f} GFLOP/s, prefill included. "
+              f"XLA's dot [16, 768] x [768, 3072] over weights from memory ran "
+              f"{g16:.0f} GFLOP/s and [1024, 768] x [768, 3072] {g1024:.0f} GFLOP/s in this run "
+              f"(best of rounds), so at that product rate a step takes at least "
+              f"{step_gflop / g16 * 1e3:.0f} ms: {big / (step_gflop / g16):.0f} tok/s."]
   return lines
 
 

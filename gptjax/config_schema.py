@@ -30,7 +30,7 @@ KERNELS = ("auto", "xla", "xla_cpu")
 XLA_CPU_TRICKS = ("flat_dense", "residual_grad_barrier", "attend_transposed", "softmax_vjp",
                   "bias_grad_matvec", "causal_blocks", "clip_as_scale", "cpu_head_matmul",
                   "cpu_fused_attention", "cpu_norm", "cpu_bias_gelu", "cpu_cross_entropy",
-                  "cpu_weight_matmul")
+                  "cpu_weight_matmul", "cpu_decode_matmul")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 QUANTIZE_KINDS = ("", "int8")

@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import config_schema
 from gptjax.config_schema import ConfigError
 from gptjax.model import family as model_family
+from gptjax.model import ops as model_ops
 
 Array = jax.Array
 _NEG = -1e30  # a removed logit: exp() underflows to 0 but arithmetic on it stays finite
@@ -212,8 +214,27 @@ def _stop_hit(buf_BxT: Array, col: Array, t: Array, stops) -> Array:
 
 
 # ------------------------------------------------------------------------ model calls
+def decoding_model(model):
+  """`model` as generation runs it: on the xla_cpu backend, with the few-row weight kernel.
+
+  A decoding step reads every weight for a few rows (batch x beams), where csrc/weight_matmul.cc
+  streams them faster than XLA's dot; training keeps config.model.kernel_exclude's choice.
+  Excluding `cpu_decode_matmul` decodes with the model's own ops.
+  """
+  cfg = model.cfg
+  if model_ops.resolve_kernels(cfg.kernels) != "xla_cpu":
+    return model
+  excluded = model_ops.excluded_tricks(cfg.kernel_exclude)
+  if "cpu_decode_matmul" in excluded or "cpu_weight_matmul" not in excluded:
+    return model
+  kept = ",".join(n for n in config_schema.XLA_CPU_TRICKS
+                  if n in excluded and n != "cpu_weight_matmul")
+  return model.clone(cfg=dataclasses.replace(cfg, kernel_exclude=kept))
+
+
 def _model_fns(model, use_cache: bool):
-  """(prefill, step) of the model's family (`FamilyAdapter.decode_fns`)."""
+  """(prefill, step) of the model's family (`FamilyAdapter.decode_fns`), on `decoding_model`."""
+  model = decoding_model(model)
   return model_family.of(model).decode_fns(model, use_cache)
 
 

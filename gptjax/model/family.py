@@ -225,7 +225,8 @@ class DecoderOnlyAdapter(FamilyAdapter):
       cache = _zero_cache(lambda b: model.init(jax.random.key(0), b, decode=True, cache_len=t),
                           buf[:, :1])
       out, mut = model.apply({"params": params, "cache": cache}, buf[:, :P], positions=pos[:, :P],
-                             input_mask=mask[:, :P], decode=True, cache_len=t, mutable=["cache"])
+                             input_mask=mask[:, :P], decode=True, cache_len=t,
+                             last_logits_only=True, mutable=["cache"])
       return out["logits"][:, -1], mut["cache"], None
 
     def step(params, cache, ctx, buf, mask, col, tok, pos):

@@ -192,7 +192,8 @@ class DecoderOnly(nn.Module):
   def __call__(self, inputs: Array, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, prefix_mask: Optional[Array] = None,
                input_mask: Optional[Array] = None, *, decode: bool = False, cache_len: int = 0,
-               deterministic: bool = True) -> dict[str, Array]:
+               last_logits_only: bool = False, deterministic: bool = True) -> dict[str, Array]:
+    """{"hidden", "logits" (of the last position alone with `last_logits_only`: a prefill)}."""
     cfg = self.cfg
     embed = _token_embed(cfg)
     x = embed(inputs) * cfg.embed_scale
@@ -201,11 +202,12 @@ class DecoderOnly(nn.Module):
         prefix_mask_BxL=prefix_mask, decode=decode, cache_len=cache_len,
         deterministic=deterministic)
     out = {"hidden": h}
+    h_head = h[:, -1:] if last_logits_only else h
     if cfg.tie_embeddings:
       scale = cfg.embed_dim ** -0.5 if cfg.scale_tied_logits else 1.0
-      out["logits"] = embed.attend(h * scale)
+      out["logits"] = embed.attend(h_head * scale)
     else:
-      out["logits"] = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head", False)(h)
+      out["logits"] = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head", False)(h_head)
     if cfg.num_classes:
       pooled = pool(h, input_mask, "last" if cfg.pooling == "first" else cfg.pooling)
       out["class_logits"] = _dense(cfg, cfg.num_classes, ("embed", None), "classifier")(pooled)

@@ -15,8 +15,11 @@ plain `xla` op computes (gptjax/model/ops.py), and each was measured only on CPU
 - cpu_fused_attention: attention without bias or dropout as one kernel per direction
 - cpu_norm, cpu_bias_gelu, cpu_cross_entropy: the norm, the MLP's bias + GELU and the loss's
   log-partition as one kernel per direction
-- cpu_weight_matmul: float32 products of <= 64 rows (decoding) through csrc/weight_matmul.cc
+- cpu_weight_matmul: float32 products of <= 4 rows (decoding) through csrc/weight_matmul.cc
   (off by default, config_schema; int8 weights always use the kernel)
+- cpu_decode_matmul: generation (gptjax/inference/decode.py) runs cpu_weight_matmul even where
+  kernel_exclude turns it off: a decoding step streams every weight for a few rows, where the
+  kernel is faster than XLA's dot (experiments/DECODE_THROUGHPUT.md)
 """
 
 from __future__ import annotations
@@ -97,8 +100,8 @@ def _add_bias(on):
 
 
 def _dense_matmul(on, x, kernel, in_shape, out_shape):
-  if isinstance(kernel, QTensor) or ("cpu_weight_matmul" in on and
-                                     cpu_weight_matmul.applies(x.reshape(-1, math.prod(in_shape)))):
+  if isinstance(kernel, QTensor) or ("cpu_weight_matmul" in on and cpu_weight_matmul.applies_f32(
+      x.reshape(-1, math.prod(in_shape)))):
     return weight_matmul.dense_matmul(x, kernel, in_shape, out_shape, cpu_weight_matmul.matmul_int8,
                                       cpu_weight_matmul.matmul_f32)
   if "flat_dense" in on:
@@ -120,7 +123,8 @@ def _norm(on, x32, scale, bias, eps, rms):
 
 def _tied_logits(on, x, table):
   rows = x.reshape(-1, x.shape[-1])
-  if isinstance(table, QTensor) or ("cpu_weight_matmul" in on and cpu_weight_matmul.applies(rows)):
+  if isinstance(table, QTensor) or ("cpu_weight_matmul" in on and
+                                    cpu_weight_matmul.applies_f32(rows)):
     return weight_matmul.attend(x, table, cpu_weight_matmul.matmul_int8,
                                 cpu_weight_matmul.matmul_f32)
   if "attend_transposed" in on:

@@ -20,13 +20,21 @@ from gptjax.backends.xla_cpu import build
 from gptjax.model import weight_matmul as plain
 
 Array = jax.Array
-MAX_ROWS = 64  # beyond this (a prefill, training) XLA's blocked matmul is the faster one
+MAX_ROWS = 64  # int8: beyond this (a prefill, training) XLA's blocked matmul is the faster one
+# float32: beyond this XLA's dot is as fast or faster; at 8 and 16 rows it was, against a float32
+# weight (experiments/DECODE_THROUGHPUT.md), while at 1-4 rows the kernel streams faster
+F32_MAX_ROWS = 4
 
 
-def applies(x_MxK: Array) -> bool:
-  """Whether the kernel runs for float32 rows `x_MxK` (M <= MAX_ROWS) on this backend."""
-  return (x_MxK.ndim == 2 and 0 < x_MxK.shape[0] <= MAX_ROWS and x_MxK.dtype == jnp.float32 and
+def applies(x_MxK: Array, max_rows: int = MAX_ROWS) -> bool:
+  """Whether the kernel runs for float32 rows `x_MxK` (M <= max_rows) on this backend."""
+  return (x_MxK.ndim == 2 and 0 < x_MxK.shape[0] <= max_rows and x_MxK.dtype == jnp.float32 and
           jax.default_backend() == "cpu" and build.available())
+
+
+def applies_f32(x_MxK: Array) -> bool:
+  """Whether `matmul_f32` runs the kernel (M <= F32_MAX_ROWS) rather than XLA's dot."""
+  return applies(x_MxK, F32_MAX_ROWS)
 
 
 def _call_f32(x_MxK, w, transposed):
@@ -58,7 +66,7 @@ _matmul_f32.defvjp(_f32_fwd, _f32_bwd)
 
 def matmul_f32(x_MxK: Array, w: Array, transposed: bool = False) -> Array:
   """x @ w ([K, N]) or x @ w.T (w [N, K] when `transposed`), float32; differentiable."""
-  if not applies(x_MxK):
+  if not applies_f32(x_MxK):
     return jnp.dot(x_MxK, w.T if transposed else w)
   return _matmul_f32(x_MxK, w.astype(jnp.float32), bool(transposed))
 
