@@ -21,9 +21,10 @@ from gptjax.model import weight_matmul as plain
 
 Array = jax.Array
 MAX_ROWS = 64  # int8: beyond this (a prefill, training) XLA's blocked matmul is the faster one
-# float32: beyond this XLA's dot is as fast or faster; at 8 and 16 rows it was, against a float32
-# weight (experiments/DECODE_THROUGHPUT.md), while at 1-4 rows the kernel streams faster
-F32_MAX_ROWS = 4
+# float32: the kernel runs for 2-4 rows. A whole GPT-2 124M decoding step, same process, 2 idle
+# cores: at batch 4 it gave 74 against XLA's 61 tok/s; at batch 1 18 against 22 (XLA's
+# matrix-vector path wins); at 8 and 16 rows XLA's dot was faster (experiments/DECODE_THROUGHPUT.md)
+F32_MIN_ROWS, F32_MAX_ROWS = 2, 4
 
 
 def applies(x_MxK: Array, max_rows: int = MAX_ROWS) -> bool:
@@ -33,8 +34,8 @@ def applies(x_MxK: Array, max_rows: int = MAX_ROWS) -> bool:
 
 
 def applies_f32(x_MxK: Array) -> bool:
-  """Whether `matmul_f32` runs the kernel (M <= F32_MAX_ROWS) rather than XLA's dot."""
-  return applies(x_MxK, F32_MAX_ROWS)
+  """Whether `matmul_f32` runs the kernel (F32_MIN_ROWS <= M <= F32_MAX_ROWS), not XLA's dot."""
+  return applies(x_MxK, F32_MAX_ROWS) and x_MxK.shape[0] >= F32_MIN_ROWS
 
 
 def _call_f32(x_MxK, w, transposed):
