@@ -41,20 +41,23 @@ def _names_tested_against(source: str, variable: str = "on") -> set[str]:
   return names
 
 
-# Read by generation, not by the layers' ops: it chooses the ops a decoding step runs.
+# Chooses the ops a decoding step runs (ops.for_decoding), not an op of the layers.
 DECODING_TRICKS = {"cpu_decode_matmul"}
-DECODE = BACKEND.parents[1] / "inference" / "decode.py"
 
 
 def test_the_backend_reads_exactly_the_listed_tricks():
   read = set()
   for path in sorted(BACKEND.glob("*.py")):
     read |= _names_tested_against(path.read_text(encoding="utf-8"))
-  decoding = _names_tested_against(DECODE.read_text(encoding="utf-8"), "excluded")
-  assert DECODING_TRICKS <= decoding <= TRICKS, decoding  # it also reads the kernel it turns on
-  read |= decoding
   assert read == TRICKS, {"read but not listed": sorted(read - TRICKS),
                           "listed but never read": sorted(TRICKS - read)}
+
+
+def test_generation_turns_the_weight_kernel_back_on_unless_told_not_to():
+  both = frozenset({"cpu_weight_matmul", "cpu_decode_matmul"})
+  assert "cpu_weight_matmul" not in xla_cpu_ops.decoding_kernel_exclude(frozenset({"cpu_weight_matmul"}))
+  assert set(xla_cpu_ops.decoding_kernel_exclude(both).split(",")) == both
+  assert xla_cpu_ops.decoding_kernel_exclude(frozenset()) == ""
 
 
 def test_the_backend_docstring_describes_exactly_the_listed_tricks():

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import config_schema
 from gptjax.config_schema import ConfigError
 from gptjax.model import family as model_family
 from gptjax.model import ops as model_ops
@@ -215,21 +214,10 @@ def _stop_hit(buf_BxT: Array, col: Array, t: Array, stops) -> Array:
 
 # ------------------------------------------------------------------------ model calls
 def decoding_model(model):
-  """`model` as generation runs it: on the xla_cpu backend, with the few-row weight kernel.
-
-  A decoding step reads every weight for a few rows (batch x beams), where csrc/weight_matmul.cc
-  streams them faster than XLA's dot; training keeps config.model.kernel_exclude's choice.
-  Excluding `cpu_decode_matmul` decodes with the model's own ops.
-  """
-  cfg = model.cfg
-  if model_ops.resolve_kernels(cfg.kernels) != "xla_cpu":
-    return model
-  excluded = model_ops.excluded_tricks(cfg.kernel_exclude)
-  if "cpu_decode_matmul" in excluded or "cpu_weight_matmul" not in excluded:
-    return model
-  kept = ",".join(n for n in config_schema.XLA_CPU_TRICKS
-                  if n in excluded and n != "cpu_weight_matmul")
-  return model.clone(cfg=dataclasses.replace(cfg, kernel_exclude=kept))
+  """`model` as generation runs it: its config through `ops.for_decoding` (the backend's choice
+  of kernels for a few rows; excluding `cpu_decode_matmul` decodes with the model's own ops)."""
+  cfg = model_ops.for_decoding(model.cfg)
+  return model if cfg is model.cfg else model.clone(cfg=cfg)
 
 
 def _model_fns(model, use_cache: bool):

@@ -120,6 +120,19 @@ def ops_for(cfg) -> Ops:
   return _ops(resolve_kernels(cfg.kernels), cfg.kernel_exclude)
 
 
+def for_decoding(cfg):
+  """The ModelConfig generation runs: `cfg` with the backend's decoding choices (xla: `cfg` as is).
+
+  On xla_cpu a decoding step reads every weight for a few rows (batch x beams), where the
+  backend's weight kernel is faster than XLA's dot; training keeps `cfg.kernel_exclude`'s choice.
+  """
+  if resolve_kernels(cfg.kernels) != "xla_cpu":
+    return cfg
+  from gptjax.backends.xla_cpu import ops as xla_cpu_ops  # pylint: disable=g-import-not-at-top
+  exclude = xla_cpu_ops.decoding_kernel_exclude(excluded_tricks(cfg.kernel_exclude))
+  return cfg if exclude == cfg.kernel_exclude else dataclasses.replace(cfg, kernel_exclude=exclude)
+
+
 @functools.cache
 def _xla_cpu_unavailable() -> Optional[str]:
   """Why the xla_cpu backend cannot run in this process (None when it can)."""

@@ -17,7 +17,7 @@ plain `xla` op computes (gptjax/model/ops.py), and each was measured only on CPU
   log-partition as one kernel per direction
 - cpu_weight_matmul: float32 products of <= 4 rows (decoding) through csrc/weight_matmul.cc
   (off by default, config_schema; int8 weights always use the kernel)
-- cpu_decode_matmul: generation (gptjax/inference/decode.py) runs cpu_weight_matmul even where
+- cpu_decode_matmul: generation (`decoding_kernel_exclude`) runs cpu_weight_matmul even where
   kernel_exclude turns it off: a decoding step streams every weight for a few rows, where the
   kernel is faster than XLA's dot (experiments/DECODE_THROUGHPUT.md)
 """
@@ -30,6 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gptjax import config_schema
 from gptjax.backends.xla_cpu import fast_paths
 from gptjax.backends.xla_cpu import kernels
 from gptjax.backends.xla_cpu import weight_matmul as cpu_weight_matmul
@@ -138,6 +139,16 @@ def _log_z_and_target(on, logits, targets):
   if "cpu_cross_entropy" in on and kernels.rows_kernel_applies(logits):
     return kernels.log_z_and_target(logits, targets)
   return plain.XLA.log_z_and_target(logits, targets)
+
+
+def decoding_kernel_exclude(excluded: frozenset[str]) -> str:
+  """The `kernel_exclude` generation runs: `cpu_weight_matmul` back on unless `cpu_decode_matmul`
+  is excluded too (a decoding step streams every weight for a few rows, where the kernel wins)."""
+  on = frozenset(config_schema.XLA_CPU_TRICKS) - excluded
+  if "cpu_decode_matmul" not in on or "cpu_weight_matmul" in on:
+    return ",".join(n for n in config_schema.XLA_CPU_TRICKS if n in excluded)
+  return ",".join(n for n in config_schema.XLA_CPU_TRICKS
+                  if n in excluded and n != "cpu_weight_matmul")
 
 
 def make_ops(excluded: frozenset[str]) -> plain.Ops:
