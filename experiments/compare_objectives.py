@@ -60,17 +60,21 @@ PUBLISHED = {
     "span_corruption": "T5 T2: denoising/span corruption best (GLUE 83.3)",
     "bart_denoise": "T5 T2: BERT-style/deshuffling denoise near span corruption (82.96)",
 }
-# Common body so parameter counts stay within 10% (4.41M to 4.74M): width 256, 4 heads, mlp 1024,
-# vocab 4096, pre-LN for BERT and BART (post-LN bert:small plateaus at 0.10-0.13 MLM accuracy
-# after 1-3M tokens, issue 19's measurement), no dropout while pre-training (tokens seen once).
+# Common body so parameter counts stay within 10%: width 256, 4 heads, mlp 1024, vocab 4096, no
+# dropout while pre-training (tokens seen once). Pre-LN for BERT and BART, and rotary positions
+# for every family but T5 (whose relative-position buckets are already relative): with learned
+# absolute positions the pre-LN MLM body sat on the frequent-token plateau (eval MLM loss 6.36
+# after 1M tokens of enwiki2015, 6.20 after 4.2M, unigram 6.63); with rotary positions, 5.80
+# after 1M (RoFormer's faster MLM convergence; experiments/results/compare_objectives_cpu_plateau).
 BODY = {"model.embed_dim": 256, "model.num_heads": 4, "model.mlp_dim": 1024,
         "model.vocab_size": 4096, "data.tokenizer.vocab_size": 4096, "model.max_len": 256}
 PRE_LN = {"model.norm_position": "pre", "model.final_norm": True}
-LAYERS = {"bert": {"model.num_layers": 4, **PRE_LN},
-          "gpt": {"model.num_layers": 4, "model.mlp_dim": 1152},  # 4.54M: within 10% of t5/bart
+ROPE = {"model.position": "rope"}
+LAYERS = {"bert": {"model.num_layers": 4, **PRE_LN, **ROPE},
+          "gpt": {"model.num_layers": 4, "model.mlp_dim": 1152, **ROPE},
           "t5": {"model.num_layers": 2, "model.num_decoder_layers": 2},
           "bart": {"model.num_layers": 2, "model.num_decoder_layers": 2, "model.mlp_dim": 960,
-                   **PRE_LN}}
+                   **PRE_LN, **ROPE}}
 # The smoke preset's bodies: one layer (and one decoder layer), so each compile is short.
 SMOKE_LAYERS = {"bert": {"model.num_layers": 1}, "gpt": {"model.num_layers": 1},
                 "t5": {"model.num_layers": 1, "model.num_decoder_layers": 1},

@@ -20,12 +20,18 @@ def cached(workdir: str, label: str, compute: Callable[[], dict],
   start = time.time()
   result = compute()
   result["wall_s"] = time.time() - start
+  write_result(workdir, result)
+  print(f"  {label}: {report(result)}", flush=True)
+  return result
+
+
+def write_result(workdir: str, result: dict) -> None:
+  """Writes WORKDIR/result.json atomically (a kill leaves the old file or the new one)."""
   os.makedirs(workdir, exist_ok=True)
+  done = os.path.join(workdir, "result.json")
   with open(done + ".tmp", "w") as f:
     json.dump(result, f)
   os.replace(done + ".tmp", done)
-  print(f"  {label}: {report(result)}", flush=True)
-  return result
 
 
 def train_to_end(config, workdir: str, label: str) -> dict:

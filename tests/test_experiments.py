@@ -1,6 +1,7 @@
 """experiments/compare_objectives.py end to end (smoke preset), its bad-input lines, and the verdicts."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -81,3 +82,24 @@ def test_intervals_and_directions_table_from_rows():
   assert "| no NSP vs MLM+NSP, SST-2 | -0.1 | no runs | 0 | no runs |" in table
   gains = "\n".join(od.gains_table(rows))
   assert "| mlm_sop | 3 | +0.100 [" in gains
+
+
+def test_cpu_preset_arms_are_within_ten_percent_in_parameters_with_one_position_scheme():
+  # in a subprocess: pretrain_config reads absl flags, which this process must not parse
+  code = """
+import json
+from absl import flags
+from experiments import compare_objectives as co
+flags.FLAGS(["x", "--preset=cpu"])
+configs = {a: co.pretrain_config(a, co.PRESETS["cpu"], 0) for a in co.ARMS}
+print(json.dumps({a: [co._param_count(c), c.model.position, co.ARMS[a][0]] for a, c in configs.items()}))
+"""
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  arms = json.loads(result.stdout.strip().splitlines()[-1])
+  counts = [n for n, _, _ in arms.values()]
+  assert max(counts) <= 1.1 * min(counts), arms
+  # rotary positions everywhere but T5's own relative buckets (learned ones plateau for MLM)
+  assert {a: p for a, (_, p, _) in arms.items()} == {
+      a: "relative" if family == "t5" else "rope" for a, (_, _, family) in arms.items()}
