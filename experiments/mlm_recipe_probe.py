@@ -2,13 +2,13 @@
 fraction of it that context explains.
 
   python experiments/mlm_recipe_probe.py --name=rope_b32 --batch=32 --steps=1024 --lr=1e-3 \
-      --set=model.position=rope --out=experiments/results/mlm_recipe_probe
+      --set=model.position=rope
 
 The arm's config is `compare_objectives.pretrain_config` for the cpu preset (enwiki2015, seq 128,
 the shared body), then `--batch`, `--steps`, `--lr` and each `--set=key=value`. Beside the eval
 loss it measures the same masked positions with every unmasked token replaced by a random one
 (`random_context_loss`): a model that ignores its context scores the same on both.
-Finished probes (OUT/NAME/result.json) are skipped on re-run.
+Finished probes (PROBES_DIR/NAME/result.json) are skipped on re-run.
 """
 
 import os
@@ -25,13 +25,13 @@ sys.path.insert(0, str(REPO))
 from experiments import compare_objectives as co  # pylint: disable=g-import-not-at-top
 from experiments import finished_runs  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_string("name", None, "Probe name (its folder under --out).", required=True)
+flags.DEFINE_string("name", None, "Probe name (its folder under --probes_dir).", required=True)
 flags.DEFINE_string("arm", "mlm", "Arm of compare_objectives.ARMS (an encoder arm).")
 flags.DEFINE_integer("batch", 32, "Sequences per step.")
 flags.DEFINE_integer("steps", 1024, "Steps (input tokens = batch x 128 x steps).")
 flags.DEFINE_float("lr", 1e-3, "Peak learning rate (10% warm-up, cosine decay).")
 flags.DEFINE_multi_string("set", [], "key=value config overrides, e.g. model.position=rope.")
-flags.DEFINE_string("out", "experiments/results/mlm_recipe_probe", "Output folder.")
+flags.DEFINE_string("probes_dir", "experiments/results/mlm_recipe_probe", "Output folder.")
 FLAGS = flags.FLAGS
 
 
@@ -87,7 +87,7 @@ def main(argv):
   from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.configure()
   c = probe_config()
-  workdir = os.path.join(FLAGS.out, FLAGS.name)
+  workdir = os.path.join(FLAGS.probes_dir, FLAGS.name)
   result = finished_runs.cached(
       workdir, FLAGS.name, lambda: finished_runs.train_to_end(c, workdir, FLAGS.name),
       lambda m: f"eval loss {m['eval_loss']:.3f}")
