@@ -339,7 +339,7 @@ def main(argv):
   majority = majority_baseline()
   curves = {}
   header = [f"Objective comparison, preset {FLAGS.preset}: `python experiments/compare_objectives.py "
-            f"{' '.join(sys.argv[1:])}`"]
+            f"{' '.join(a.replace(str(REPO) + os.sep, '') for a in sys.argv[1:])}`"]
   units = [(a, s) for s in seeds for a in arms]  # every arm once before any arm twice
   for i, (arm, seed) in enumerate(units):
     print(f"[{i + 1}/{len(units)}] {arm} seed {seed}", flush=True)
