@@ -29,3 +29,12 @@ def test_module_form_runs_from_the_repo_root(tmp_path):
                           text=True, timeout=240)
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and "outside this sweep's range" in lines[-1], result.stderr[-2000:]
+
+
+def test_mlm_recipe_probe_refuses_an_unknown_override_in_one_line(tmp_path):
+  result = subprocess.run([sys.executable, "experiments/mlm_recipe_probe.py", "--name=x",
+                           "--set=model.positions=rope", f"--probes_dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and "model.positions=rope" in lines[-1], result.stderr[-2000:]
+  assert not list(tmp_path.iterdir())  # nothing trained, nothing written
