@@ -46,8 +46,11 @@ def write_csv(out: str, rows: list[dict]) -> None:
 
 def _cell(rows, arm, key) -> str:
   vals = [r.get(key) for r in rows if r["arm"] == arm]
+  n = sum(v not in (None, "") for v in vals)
   m, s = _mean_std(vals)
-  return "" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+  if math.isnan(m):
+    return ""
+  return f"{m:.3f}" if n == 1 else f"{m:.3f} ± {s:.3f}"
 
 
 def thresholds(rows: list[dict], majority: float) -> list[str]:
@@ -84,7 +87,8 @@ def write_markdown(out: str, rows: list[dict], majority: float, header: list[str
     lines.append(f"| {arm} | {len(mine)} | {int(float(mine[0]['params'])):,} | "
                  f"{int(float(mine[0]['pretrain_tokens'])):,} | " + " | ".join(cells)
                  + f" | {published.get(arm, '')} |")
-  lines += ["", f"majority class on sst2 dev: {majority:.3f}", "",
+  lines += ["", "Cells are the mean ± standard deviation over seeds (a single value: one seed).",
+            f"majority class on sst2 dev: {majority:.3f}", "",
             "Pre-training helps? Means over seeds with 95% t-intervals (n/a: one seed):", ""]
   lines += objective_directions.gains_table(rows)
   lines += ["", "Thresholds (computed from results.csv):", ""] + thresholds(rows, majority)

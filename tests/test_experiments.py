@@ -41,6 +41,7 @@ def test_smoke_preset_two_arms_end_to_end_then_skips_on_rerun(tmp_path, data_cac
   table = (out / "results.md").read_text()
   assert "| mlm_sop |" in table and "majority class" in table and "| verdict |" in table
   assert "[n/a]" in table  # one seed: no interval is made up
+  assert " ± " not in table.split("Cells are the mean")[0]  # nor a spread of zero
   rerun = _run(*args)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert rerun.stdout.count("done before, skipped") == 2  # one finished unit row per arm
