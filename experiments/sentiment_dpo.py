@@ -5,9 +5,10 @@
 
 One command, resumable (every stage stores its result and is skipped on a rerun):
   1. SFT: a GPT trained here on IMDb reviews (next-token).
-  2. Reward: a sentiment classifier trained here on IMDb (all-MiniLM-L6-v2 fine-tuned, or a gptjax
-     BERT from scratch in the smoke preset); its held-out accuracy on the IMDb test subset is
-     reported. The reward of a text is the classifier's P(positive).
+  2. Reward: a sentiment classifier trained here on IMDb; its accuracy on the IMDb test subset is
+     reported. `bow` (the full preset): logistic regression on word unigrams and bigrams
+     (`sentiment_reward.py`); `minilm`: all-MiniLM-L6-v2 fine-tuned; `scratch` (the smoke preset):
+     a gptjax BERT from scratch. The reward of a text is the classifier's P(positive).
   3. Pairs: two SFT samples (temperature 1) per IMDb train prefix of 2-8 tokens, ordered by reward.
   4. DPO from the SFT model at each beta, evaluated every `dpo_eval_every` steps on held-out IMDb
      test prefixes: mean reward of policy samples, and KL(policy || SFT) estimated from the same
@@ -43,10 +44,10 @@ flags.DEFINE_integer("seed", 0, "Seed of every stage.")
 
 PRESETS = {
     # sized for under an hour of 2 shared CPU cores
-    "full": dict(sft=dict(variant="small", steps=400, seq_len=64, max_docs=0, num_layers=4),
-                 reward=dict(source="minilm", steps=60, batch=32, seq_len=64, lr=5e-5),
-                 train_prefixes=400, eval_prefixes=64, new_tokens=24, betas=[0.05, 0.1, 0.5],
-                 dpo_steps=80, dpo_eval_every=40, dpo_lr=2e-4, temperatures=[0.7, 1.0, 1.3],
+    "full": dict(sft=dict(variant="small", steps=800, seq_len=64, max_docs=0, num_layers=4),
+                 reward=dict(source="bow"),
+                 train_prefixes=2000, eval_prefixes=256, new_tokens=24, betas=[0.05, 0.1, 0.5],
+                 dpo_steps=300, dpo_eval_every=100, dpo_lr=2e-4, temperatures=[0.7, 1.0, 1.3],
                  best_of=[2, 4, 8, 16]),
     # one-layer models: the tests' compiles stay short
     "smoke": dict(sft=dict(variant="tiny", steps=6, seq_len=32, max_docs=60, num_layers=1),
@@ -107,8 +108,33 @@ def reward_config(p: dict):
   return c
 
 
+def _imdb(split: str) -> list[dict]:
+  name = {"train": "train_subset.jsonl", "test": "test_subset.jsonl"}[split]
+  with open(os.path.join(os.environ["GPTJAX_RAW_DIR"], "imdb", name), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def train_reward(p: dict, workdir: str) -> dict:
+  """Trains the reward classifier into `workdir`; its metrics with `eval_class_accuracy`."""
+  if p["reward"]["source"] != "bow":
+    return finished_runs.train_to_end(reward_config(p), workdir, "reward")
+  from experiments import sentiment_reward  # pylint: disable=g-import-not-at-top
+  model = sentiment_reward.fit(_imdb("train"), _imdb("test"), FLAGS.seed)
+  model.save(workdir)
+  return {"eval_class_accuracy": model.metrics["test_accuracy"], **model.metrics,
+          "top_words": model.top_words()}
+
+
+def load_reward(workdir: str):
+  """The reward stage's classifier: a callable from texts to P(positive)."""
+  if os.path.exists(os.path.join(workdir, "bow_reward.npz")):
+    from experiments import sentiment_reward  # pylint: disable=g-import-not-at-top
+    return sentiment_reward.BagOfWordsSentiment.load(workdir)
+  return Reward(workdir)
+
+
 class Reward:
-  """P(positive) of texts under the trained classifier."""
+  """P(positive) of texts under a trained gptjax classifier checkpoint."""
 
   def __init__(self, workdir: str):
     import jax  # pylint: disable=g-import-not-at-top
@@ -184,9 +210,7 @@ class Policy:
 
 def prefixes(policy: Policy, split: str, n: int, seed: int) -> list[list[int]]:
   """Openings of 2-8 tokens of IMDb reviews (train for pairs, test for evaluation)."""
-  name = {"train": "train_subset.jsonl", "test": "test_subset.jsonl"}[split]
-  with open(os.path.join(os.environ["GPTJAX_RAW_DIR"], "imdb", name), encoding="utf-8") as f:
-    texts = [json.loads(line)["text"] for line in f]
+  texts = [r["text"] for r in _imdb(split)]
   rng = np.random.default_rng((seed, 17 if split == "train" else 23))
   order = rng.permutation(len(texts))[:n]
   return [policy.tok.encode(texts[i])[:int(rng.integers(2, 9))] for i in order]
@@ -239,6 +263,21 @@ def dpo_config(p: dict, beta: float, sft_dir: str, pairs: str, steps: int):
   return c
 
 
+def direction_verdicts(rows: list[dict], last: str) -> list[str]:
+  """Rows of DPO-minus-SFT reward at each beta's last checkpoint, with a computed verdict."""
+  sft = next(r for r in rows if r["method"] == "SFT temperature" and r["setting"] == "T=1.0")
+  out = ["| policy | KL to SFT | reward - SFT reward (95% interval) | verdict |", "|---|---|---|---|"]
+  for r in rows:
+    if r["method"].startswith("DPO") and r["setting"] == last:
+      delta = r["reward"] - sft["reward"]
+      half = float(np.hypot(r["reward_ci95"], sft["reward_ci95"]))  # independent samples
+      verdict = ("reproduced" if delta - half > 0 else "opposite" if delta + half < 0
+                 else "inconclusive")
+      out.append(f"| {r['method']}, {last} | {r['kl']:.2f} | {delta:+.3f} "
+                 f"[{delta - half:+.3f}, {delta + half:+.3f}] | {verdict} |")
+  return out
+
+
 def plot(rows: list[dict], path: str) -> None:
   """The reward-against-KL frontier."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -272,10 +311,9 @@ def main(argv):
   finished_runs.cached(w("sft"), "sft", lambda: finished_runs.train_to_end(sft_config(p), w("sft"),
                                                                            "sft"))
   print("2. reward classifier", flush=True)
-  rm = finished_runs.cached(w("reward"), "reward", lambda: finished_runs.train_to_end(
-      reward_config(p), w("reward"), "reward"),
-      lambda m: f"held-out accuracy {m['eval_class_accuracy']:.3f}")
-  policy, reward = Policy(w("sft"), p["new_tokens"]), Reward(w("reward"))
+  rm = finished_runs.cached(w("reward"), "reward", lambda: train_reward(p, w("reward")),
+                            lambda m: f"held-out accuracy {m['eval_class_accuracy']:.3f}")
+  policy, reward = Policy(w("sft"), p["new_tokens"]), load_reward(w("reward"))
   eval_prompts = prefixes(policy, "test", p["eval_prefixes"], FLAGS.seed)
   print("3. preference pairs", flush=True)
   pairs_path = w("pairs.jsonl")
@@ -320,14 +358,21 @@ def main(argv):
   wall = time.time() - t0
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                           text=True).stdout.strip()
+  snip = rm.get("test_accuracy_first_32_words")
   head = (f"`python {' '.join(sys.argv)}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"commit {commit}, {wall / 60:.1f} min wall (this invocation). Reward model held-out "
-          f"accuracy (IMDb test subset): {rm['eval_class_accuracy']:.3f}. {pairs['pairs']} pairs; "
+          f"commit {commit}, {wall / 60:.1f} min wall (this invocation). Reward model "
+          f"({p['reward']['source']}) held-out accuracy (IMDb test subset): "
+          f"{rm['eval_class_accuracy']:.3f}" + (f", {snip:.3f} on their first 32 words" if snip
+                                                else "") +
+          f". {pairs['pairs']} pairs (mean reward gap {pairs['mean_reward_gap']:.3f}); "
           f"{len(eval_prompts)} held-out prefixes, {p['new_tokens']} new tokens; intervals are 95%.")
   lines = [head, "", "| method | setting | mean reward | KL to SFT (nats) |", "|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['method']} | {r['setting']} | {r['reward']:.3f} ± {r['reward_ci95']:.3f} | "
                  f"{r['kl']:.2f} ± {r['kl_ci95']:.2f} |")
+  lines += ["", "DPO's direction (paper Fig. 2: DPO raises mean reward above SFT): each beta's last "
+            "checkpoint against SFT at T=1.0, verdict computed from the interval:", ""]
+  lines += direction_verdicts(rows, f"step {p['dpo_steps']}")
   with open(os.path.join(FLAGS.out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(FLAGS.out, "results.json"), "w") as f:

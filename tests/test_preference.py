@@ -262,6 +262,7 @@ def test_sentiment_dpo_smoke_end_to_end_then_skips(tmp_path, data_cache):
   with open(tmp_path / "w" / "pairs.jsonl") as f:
     assert all(set(json.loads(line)) == set(preference.FIELDS) for line in f)
   assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
+  assert "| verdict |" in (tmp_path / "out" / "results.md").read_text()
   # every stage is stored, so a rerun skips it (experiments/finished_runs.py)
   stages = ["sft", "reward", "pairs", "eval/best_of"] + [f"dpo_beta{b}_stage2" for b in (0.1, 0.5)]
   assert all((tmp_path / "w" / s / "result.json").exists() for s in stages)
