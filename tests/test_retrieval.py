@@ -161,7 +161,7 @@ def test_smoke_experiment_then_generation_with_sources(tmp_path, data_cache):
   result = run("experiments/retrieval_lm.py", "--preset=smoke", f"--workdir={work}", f"--out={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads((out / "results.json").read_text())
-  names = {"none"} | {f"{k}_k{n}" for k in ("bm25", "dense", "random") for n in (1, 2, 4)}
+  names = {"none", "oracle"} | {f"{k}_k{n}" for k in ("bm25", "dense", "random") for n in (1, 2, 4)}
   assert set(record["results"]) == names
   for r in record["results"].values():
     assert r["ci95"][0] <= r["perplexity"] <= r["ci95"][1]
@@ -175,3 +175,10 @@ def test_smoke_experiment_then_generation_with_sources(tmp_path, data_cache):
   lines = gen.stdout.strip().splitlines()
   assert lines[0].startswith("[retrieved 1] wikitext2 train doc") and lines[1].startswith("[retrieved 2]")
   assert lines[2].startswith("The album was released in")
+
+
+def test_passage_sources_name_the_title_line_only():
+  one_line = " = Valkyria Chronicles III = " + " word" * 5000  # no newline: the title is capped
+  passages = retrieval.passages_from_documents([one_line, " = Tower =\n a b c d e f"], 16, "wt2")
+  assert max(len(p["source"]) for p in passages) < 160
+  assert passages[-1]["source"] == "wt2 doc 1 (Tower) words 0-9"

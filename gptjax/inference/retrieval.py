@@ -30,8 +30,7 @@ def passages_from_documents(docs: Sequence[str], words: int, source: str) -> lis
   out = []
   for d, text in enumerate(docs):
     tokens = text.split()
-    title = text.split("\n", 1)[0].strip(" =") if text.startswith(" =") or text.startswith("=") \
-        else ""
+    title = text.split("\n", 1)[0].strip(" =")[:80] if text.startswith((" =", "=")) else ""
     for i in range(0, len(tokens), words):
       chunk = tokens[i:i + words]
       if len(chunk) >= max(4, words // 4):
