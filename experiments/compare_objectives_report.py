@@ -12,7 +12,8 @@ from experiments import objective_directions
 
 COLUMNS = ["arm", "seed", "params", "pretrain_steps", "pretrain_tokens", "loss_tokens",
            "intrinsic_name", "intrinsic", "intrinsic_loss", "unigram_loss", "nats_below_unigram",
-           "nsp_acc", "sop_acc", "probe_acc", "probe_random_acc", "finetune_acc", "scratch_acc",
+           "nsp_acc", "sop_acc", "pair_eval_pairs", "probe_acc", "probe_random_acc",
+           "finetune_acc", "scratch_acc",
            "majority_acc", "pretrain_wall_s", "unit_wall_s", "git_commit"]
 # the issue's thresholds: pre-training ends >= 1 nat below its unigram baseline; every fine-tune
 # (and scratch) ends >= 0.15 above the majority class on sst2 dev
@@ -70,6 +71,33 @@ def thresholds(rows: list[dict], majority: float) -> list[str]:
   return lines
 
 
+def wilson(accuracy: float, n: int) -> tuple[float, float]:
+  """95% Wilson score interval of a proportion measured on n trials."""
+  z = 1.96
+  centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return centre - half, centre + half
+
+
+def pair_tasks(rows: list[dict]) -> list[str]:
+  """Per pair-arm unit: NSP and SOP accuracy with a 95% Wilson interval, and against chance."""
+  lines = ["| arm | seed | task | held-out pairs | accuracy [95% interval] | against chance (0.5) |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    n = r.get("pair_eval_pairs")
+    if n in (None, ""):
+      continue
+    n = int(float(n))
+    for task in ("nsp", "sop"):
+      acc = float(r[f"{task}_acc"])
+      low, high = wilson(acc, n)
+      call = "above" if low > 0.5 else "below" if high < 0.5 else "at chance"
+      own = " (its own task)" if r["arm"] == f"mlm_{task}" else ""
+      lines.append(f"| {r['arm']} | {r['seed']} | {task.upper()}{own} | {n:,} | {acc:.3f} "
+                   f"[{low:.3f}, {high:.3f}] | {call} |")
+  return lines
+
+
 def write_markdown(out: str, rows: list[dict], majority: float, header: list[str],
                    published: dict) -> str:
   """results.md: the per-arm table, gains with intervals, thresholds, directions; returns it."""
@@ -92,6 +120,9 @@ def write_markdown(out: str, rows: list[dict], majority: float, header: list[str
             "Pre-training helps? Means over seeds with 95% t-intervals (n/a: one seed):", ""]
   lines += objective_directions.gains_table(rows)
   lines += ["", "Thresholds (computed from results.csv):", ""] + thresholds(rows, majority)
+  lines += ["", "Pair tasks (ALBERT Table 5's cross-task check), per unit on held-out enwiki2015 "
+            "pairs; an arm at chance on its own task did not learn it at this budget:", ""]
+  lines += pair_tasks(rows)
   lines += ["", "Published directions (our delta: the same difference per seed, paired; verdict "
             "computed from the interval):", ""] + objective_directions.directions_table(rows)
   text = "\n".join(lines) + "\n"

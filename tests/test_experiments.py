@@ -38,10 +38,12 @@ def test_smoke_preset_two_arms_end_to_end_then_skips_on_rerun(tmp_path, data_cac
   # ALBERT's cross-task check: the pair arm is evaluated on both kinds of pairs, LM arms on none
   assert 0 <= float(by_arm["mlm_sop"]["nsp_acc"]) <= 1 and 0 <= float(by_arm["mlm_sop"]["sop_acc"]) <= 1
   assert by_arm["next_token"]["nsp_acc"] == ""
+  assert int(by_arm["mlm_sop"]["pair_eval_pairs"]) == 2 * 8  # the smoke preset's 2 batches of 8
   table = (out / "results.md").read_text()
   assert "| mlm_sop |" in table and "majority class" in table and "| verdict |" in table
   assert "[n/a]" in table  # one seed: no interval is made up
   assert " ± " not in table.split("Cells are the mean")[0]  # nor a spread of zero
+  assert "| mlm_sop | 0 | SOP (its own task) | 16 |" in table
   rerun = _run(*args)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert rerun.stdout.count("done before, skipped") == 2  # one finished unit row per arm
@@ -104,3 +106,14 @@ print(json.dumps({a: [co._param_count(c), c.model.position, co.ARMS[a][0]] for a
   # rotary positions everywhere but T5's own relative buckets (learned ones plateau for MLM)
   assert {a: p for a, (_, p, _) in arms.items()} == {
       a: "relative" if family == "t5" else "rope" for a, (_, _, family) in arms.items()}
+
+
+def test_wilson_interval_and_pair_task_calls():
+  from experiments import compare_objectives_report as report
+  low, high = report.wilson(0.5, 100)
+  assert (round(low, 3), round(high, 3)) == (0.404, 0.596)  # the textbook value
+  rows = [{"arm": "mlm_nsp", "seed": 0, "nsp_acc": 0.519, "sop_acc": 0.40, "pair_eval_pairs": 640},
+          {"arm": "mlm_sop", "seed": 0, "nsp_acc": 0.5, "sop_acc": 0.562, "pair_eval_pairs": "640"},
+          {"arm": "mlm", "seed": 0, "nsp_acc": "", "sop_acc": "", "pair_eval_pairs": ""}]
+  calls = [line.rsplit("|", 2)[1].strip() for line in report.pair_tasks(rows)[2:]]
+  assert calls == ["at chance", "below", "at chance", "above"]
