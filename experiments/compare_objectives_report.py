@@ -115,7 +115,7 @@ def write_markdown(out: str, rows: list[dict], majority: float, header: list[str
     lines.append(f"| {arm} | {len(mine)} | {int(float(mine[0]['params'])):,} | "
                  f"{int(float(mine[0]['pretrain_tokens'])):,} | " + " | ".join(cells)
                  + f" | {published.get(arm, '')} |")
-  lines += ["", "Cells are the mean ± standard deviation over seeds (a single value: one seed).",
+  lines += ["", "Cells are the mean ± standard deviation over seeds (a single value: one seed).", "",
             f"majority class on sst2 dev: {majority:.3f}", "",
             "Pre-training helps? Means over seeds with 95% t-intervals (n/a: one seed):", ""]
   lines += objective_directions.gains_table(rows)
