@@ -38,3 +38,12 @@ def test_mlm_recipe_probe_refuses_an_unknown_override_in_one_line(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 1 and "model.positions=rope" in lines[-1], result.stderr[-2000:]
   assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_pair_task_probe_refuses_a_workdir_without_checkpoints_in_one_line(tmp_path):
+  result = subprocess.run([sys.executable, "experiments/pair_task_probe.py", "--name=x",
+                           f"--init_from={tmp_path}", f"--probes_dir={tmp_path / 'p'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and "has no checkpoints/ folder" in lines[-1], result.stderr[-2000:]
+  assert not (tmp_path / "p").exists()  # nothing trained, nothing written
