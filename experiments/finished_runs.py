@@ -34,6 +34,19 @@ def write_result(workdir: str, result: dict) -> None:
   os.replace(done + ".tmp", done)
 
 
+def train_and_measure(config, workdir: str, label: str, report: Callable[[dict], str],
+                      measure: Callable[[dict], dict], marker: str) -> dict:
+  """A probe: `config` trained once in WORKDIR, then `measure(result)` added to its result.json once.
+
+  `marker` is a key that `measure` adds: a result that has it was measured before.
+  """
+  result = cached(workdir, label, lambda: train_to_end(config, workdir, label), report)
+  if marker not in result:
+    result.update(measure(result))
+    write_result(workdir, result)
+  return result
+
+
 def train_to_end(config, workdir: str, label: str) -> dict:
   """Final metrics of training `config` in `workdir`; exits if the run stopped before its last step.
 

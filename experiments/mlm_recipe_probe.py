@@ -88,15 +88,12 @@ def main(argv):
   host_memory.configure()
   c = probe_config()
   workdir = os.path.join(FLAGS.probes_dir, FLAGS.name)
-  result = finished_runs.cached(
-      workdir, FLAGS.name, lambda: finished_runs.train_to_end(c, workdir, FLAGS.name),
-      lambda m: f"eval loss {m['eval_loss']:.3f}")
-  if "random_context_loss" not in result:
-    result.update(context_losses(workdir))
-    result["tokens"] = FLAGS.batch * c.data.seq_len * FLAGS.steps
-    result["overrides"] = {"batch": FLAGS.batch, "steps": FLAGS.steps, "lr": FLAGS.lr,
-                           "set": list(FLAGS.set)}
-    finished_runs.write_result(workdir, result)
+  result = finished_runs.train_and_measure(
+      c, workdir, FLAGS.name, lambda m: f"eval loss {m['eval_loss']:.3f}",
+      lambda _: dict(context_losses(workdir), tokens=FLAGS.batch * c.data.seq_len * FLAGS.steps,
+                     overrides={"batch": FLAGS.batch, "steps": FLAGS.steps, "lr": FLAGS.lr,
+                                "set": list(FLAGS.set)}),
+      marker="random_context_loss")
   print(f"{FLAGS.name}: eval loss {result['eval_loss']:.3f}, with random context "
         f"{result['random_context_loss']:.3f} ({result['tokens'] / 1e6:.1f}M tokens)")
 

@@ -59,17 +59,17 @@ def main(argv):
   host_memory.configure()
   c = probe_config()
   workdir = os.path.join(FLAGS.probes_dir, FLAGS.name)
-  result = finished_runs.cached(
-      workdir, FLAGS.name, lambda: finished_runs.train_to_end(c, workdir, FLAGS.name),
-      lambda m: f"eval accuracy {m[f'eval_{FLAGS.task}_accuracy']:.3f}")
-  if "pairs" not in result:
+  n = FLAGS.eval_batches * c.data.eval_batch_size
+
+  def measure(result):
     acc = result[f"eval_{FLAGS.task}_accuracy"]
-    n = FLAGS.eval_batches * c.data.eval_batch_size
-    low, high = report.wilson(acc, n)
-    result.update(task=FLAGS.task, pairs=n, accuracy=acc, interval=[low, high],
-                  init_from=FLAGS.init_from, tokens=FLAGS.batch * c.data.seq_len * FLAGS.steps,
-                  overrides={"batch": FLAGS.batch, "steps": FLAGS.steps, "lr": FLAGS.lr})
-    finished_runs.write_result(workdir, result)
+    return dict(task=FLAGS.task, pairs=n, accuracy=acc, interval=list(report.wilson(acc, n)),
+                init_from=FLAGS.init_from, tokens=FLAGS.batch * c.data.seq_len * FLAGS.steps,
+                overrides={"batch": FLAGS.batch, "steps": FLAGS.steps, "lr": FLAGS.lr})
+
+  result = finished_runs.train_and_measure(
+      c, workdir, FLAGS.name, lambda m: f"eval accuracy {m[f'eval_{FLAGS.task}_accuracy']:.3f}",
+      measure, marker="pairs")
   low, high = result["interval"]
   print(f"{FLAGS.name}: {FLAGS.task} accuracy {result['accuracy']:.3f} [{low:.3f}, {high:.3f}] "
         f"on {result['pairs']:,} held-out pairs, eval loss {result[f'eval_{FLAGS.task}_loss']:.4f}")
