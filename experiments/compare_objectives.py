@@ -303,13 +303,6 @@ def run_unit(arm: str, seed: int, config, preset: dict, majority: float) -> dict
 
   row = finished_runs.cached(root, f"{arm} seed {seed} row", compute,
                              lambda r: f"unit done in {r['unit_wall_s']:.0f}s")
-  if arm in PAIR_ARMS and "pair_eval_pairs" not in row:
-    # rows from before 2026-11-30 evaluated 640 pairs per task and did not say so: evaluate the
-    # preset's count (minutes) and update only those columns; the other stages stay as they were
-    pairs = cross_task(pre_dir, os.path.join(root, f"cross_task_{preset['pair_eval_batches']}"),
-                       preset["pair_eval_batches"])
-    row.update({k: pairs[k] for k in ("nsp_acc", "sop_acc", "pair_eval_pairs")})
-    finished_runs.write_result(root, row)
   cfg = ModelConfig.from_config(config.model)
   target = config.data.target_len if cfg.family == "encoder_decoder" else 0
   fps = flops_lib.train_flops_per_example(cfg, config.data.seq_len, target, config.objective) \
