@@ -25,8 +25,9 @@ ATTENTION_IMPLS = ("einsum", "dot_product")
 # config.model.kernels: which implementation of the layers' ops runs (gptjax/model/ops.py)
 KERNELS = ("auto", "xla", "xla_cpu")
 # config.model.kernel_exclude: the xla_cpu tricks that can be turned off one by one (for A/B
-# measurements, experiments/throughput.py --ab); what each does: gptjax/backends/xla_cpu/ops.py,
-# which reads exactly these names (tests/test_xla_cpu_tricks.py)
+# measurements, experiments/throughput.py --ab); what each does: the docstring of the ops that
+# gptjax/model/ops.py's registry returns for xla_cpu, which read exactly these names
+# (tests/test_xla_cpu_tricks.py)
 XLA_CPU_TRICKS = ("flat_dense", "residual_grad_barrier", "attend_transposed", "softmax_vjp",
                   "bias_grad_matvec", "causal_blocks", "clip_as_scale", "cpu_head_matmul",
                   "cpu_fused_attention", "cpu_norm", "cpu_bias_gelu", "cpu_cross_entropy",

@@ -1,8 +1,8 @@
 """Products against int8 weights (QTensor, gptjax.transfer.quantize) as plain JAX.
 
 An int8 weight is widened to float32 and scaled per output column before the product; the
-xla_cpu backend replaces these with a kernel that widens in registers
-(gptjax/backends/xla_cpu/weight_matmul.py).
+xla_cpu backend (chosen through the registry in gptjax/model/ops.py) replaces these with a kernel
+that widens in registers.
 """
 
 from __future__ import annotations
