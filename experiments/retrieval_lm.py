@@ -40,10 +40,6 @@ flags.DEFINE_list("ks", ["1", "2", "4"], "Numbers of retrieved passages.")
 flags.DEFINE_list("retrievers", ["bm25", "dense"], "Index kinds to compare.")
 flags.DEFINE_integer("windows", 0, "Evaluated blocks (0: the preset's).")
 flags.DEFINE_integer("seed", 0, "Seed of the LM and of the random control.")
-flags.DEFINE_float("repeat_span_probability", 0.0,
-                   "LM training only: the share of train windows with one span repeated later in "
-                   "it (config.data.repeat_span_probability), so that the LM learns to copy from "
-                   "its context; the LM trains in WORKDIR/lm_repeat<p> instead of WORKDIR/lm.")
 flags.DEFINE_bool("build_index_only", False, "Train the LM if needed, build the indices, stop.")
 
 PRESETS = {
@@ -68,7 +64,6 @@ def lm_config(p: dict):
   c.data.corpus = "wikitext2"
   c.data.seq_len = p["seq_len"]
   c.data.max_docs = p["max_docs"]
-  c.data.repeat_span_probability = FLAGS.repeat_span_probability
   c.train.steps = p["steps"]
   c.train.progress = FLAGS.preset == "full"
   for k, v in p.get("model", {}).items():
@@ -256,8 +251,7 @@ def main(argv):
       raise SystemExit(f"error: --retrievers={kind} is not one of {', '.join(retrieval.KINDS)}")
   config = lm_config(p)
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  lm_dir = f"lm_repeat{FLAGS.repeat_span_probability:g}" if FLAGS.repeat_span_probability else "lm"
-  run_config, params, tokenizer = train_lm(config, os.path.join(FLAGS.workdir, lm_dir))
+  run_config, params, tokenizer = train_lm(config, os.path.join(FLAGS.workdir, "lm"))
   passages, corpus = train_passages(config, p)
   embedder = retrieval.DenseEmbedder(minilm_source(), max_len=64) \
       if "dense" in FLAGS.retrievers else None
@@ -273,8 +267,7 @@ def main(argv):
   starts, tokens, queries, evaluated = eval_windows(config, tokenizer, p, p["windows"])
   key = {"lm_step": int(config.train.steps), "corpus": corpus["fingerprint"],
          "windows": p["windows"], "stride": p["stride"], "query_tokens": p["query_tokens"],
-         "doc_budget": p["doc_budget"], "seed": FLAGS.seed,
-         "repeat_span_probability": FLAGS.repeat_span_probability}
+         "doc_budget": p["doc_budget"], "seed": FLAGS.seed}
   os.makedirs(os.path.join(FLAGS.out, "settings"), exist_ok=True)
   any_index = next(iter(indices.values()))
   retrieved = {}
@@ -320,7 +313,6 @@ def main(argv):
   lines = [f"`{record['command']}`, {record['date']}, commit {record['commit']}, "
            f"{wall / 60:.1f} min wall (this invocation); {len(passages)} train passages of "
            f"{p['passage_words']} words; {p['windows']} validation blocks of {p['stride']} tokens; "
-           f"LM trained with repeat_span_probability={FLAGS.repeat_span_probability:g}; "
            f"context {p['seq_len']} tokens, at most {p['doc_budget']} of them retrieved text. "
            "`oracle` is not retrieval: it prepends the evaluated block itself, the most that "
            "in-context text can give this LM.", "",

@@ -120,9 +120,6 @@ def base_config() -> ml_collections.ConfigDict:
   d.poisson_lambda = 3.0
   d.permute_sentences = False
   d.sop = False
-  # next_token train windows: the probability of one span repeated later in the window
-  # (data/masking.py repeat_span), a curriculum for in-context copying at small budgets
-  d.repeat_span_probability = 0.0
   d.seed = 0
   d.max_docs = 0  # 0: all; else only the first max_docs documents of every split (tests, smoke runs)
   t = d.tokenizer = ml_collections.ConfigDict()
@@ -301,12 +298,6 @@ def validate_numbers(c: ml_collections.ConfigDict) -> None:
     _at_least(f"config.data.{name}", d[name], 1)
   for name in ("max_docs", "target_len"):
     _at_least(f"config.data.{name}", d[name], 0)
-  p = d.repeat_span_probability
-  if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
-    raise ConfigError(f"config.data.repeat_span_probability={p} must be in [0, 1]")
-  if p and c.objective != "next_token":
-    raise ConfigError(f"config.data.repeat_span_probability={p} is only for objective="
-                      f"'next_token' (this run's is {c.objective!r}); set it to 0")
   if c.quantize not in QUANTIZE_KINDS:
     raise ConfigError(f"config.quantize={c.quantize!r} is not supported; allowed: "
                       f"{', '.join(repr(k) for k in QUANTIZE_KINDS)}")

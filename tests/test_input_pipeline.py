@@ -136,39 +136,3 @@ def test_corpus_shorter_than_one_sequence_fails(data_cache, tmp_path):
   tok = tokenization.load_or_train_tokenizer(_load("gpt", **SMALL))
   with pytest.raises(ConfigError, match="shorter than one sequence|empty"):
     input_pipeline.make_train_iterator(config, tok)
-
-
-def _repeated_span(row, min_len):
-  """The longest span of `row` that occurs twice without overlapping, if at least min_len."""
-  best = 0
-  for lag in range(min_len, len(row) - min_len + 1):
-    run = 0
-    for a, b in zip(row[:-lag], row[lag:]):
-      run = run + 1 if a == b else 0
-      best = max(best, min(run, lag))
-  return best if best >= min_len else 0
-
-
-def test_repeat_span_copies_a_span_of_the_same_document_into_train_windows_only(data_cache):
-  del data_cache
-  config, tok = _setup("gpt", "next_token", **{"data.repeat_span_probability": 1.0})
-  plain, _ = _setup("gpt", "next_token")
-  aug = input_pipeline.example_source(config, tok, "train")
-  base = input_pipeline.example_source(plain, tok, "train")
-  repeated = 0
-  for i in range(40):
-    row = aug.example(i, np.random.default_rng((0, i)))
-    assert np.all(row["inputs"][1:] == row["targets"][:-1])
-    again = aug.example(i, np.random.default_rng((0, i)))
-    assert np.array_equal(row["inputs"], again["inputs"])  # a pure function of (seed, index)
-    full = np.concatenate([row["inputs"], row["targets"][-1:]])
-    if not np.array_equal(full, base._chunk(i)):  # pylint: disable=protected-access
-      span = _repeated_span(list(full), 8)
-      assert span >= 8
-      repeated += 1
-  assert repeated >= 30  # the rest fell where the document is too short before the copy
-  held_out = input_pipeline.example_source(config, tok, "validation")
-  plain_eval = input_pipeline.example_source(plain, tok, "validation")
-  for i in range(5):
-    assert np.array_equal(held_out.example(i, np.random.default_rng(i))["inputs"],
-                          plain_eval.example(i, np.random.default_rng(i))["inputs"])

@@ -147,9 +147,6 @@ class Examples:
     obj = self.kind
     if obj == "next_token":
       chunk = self._chunk(i)
-      if self.split == "train" and d.repeat_span_probability and \
-          rng.random() < d.repeat_span_probability:
-        chunk = masking.repeat_span(chunk, rng, eos_id=tok.eos_id)
       inputs, targets = chunk[:-1], chunk[1:]
       seg = np.cumsum(inputs == tok.eos_id).astype(np.int32)
       seg = seg - seg[0] + 1

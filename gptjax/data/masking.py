@@ -156,26 +156,3 @@ def truncate_pair(a: list, b: list, max_total: int) -> tuple[list, list]:
     else:
       a.pop(0)
   return a, b
-
-
-def repeat_span(ids: np.ndarray, rng: np.random.Generator, *, eos_id: Optional[int],
-                min_len: int = 8) -> np.ndarray:
-  """`ids` with one of its spans (min_len to len/4 tokens) inserted again later, cut to len(ids).
-
-  The copy goes to a random point e and its source lies before e in the same document (no EOS
-  between them), so a model can only predict the copy by finding its first occurrence in context:
-  the skill (induction heads) that in-context retrieval relies on, which small LMs trained on a few
-  million tokens of natural text do not acquire. Returns `ids` unchanged when e's document is
-  too short to hold a source span before it.
-  """
-  n = len(ids)
-  m = int(rng.integers(min_len, max(min_len, n // 4) + 1))
-  if n < 2 * m:
-    return ids
-  e = int(rng.integers(m, n - m + 1))
-  eos = np.flatnonzero(ids[:e] == eos_id) if eos_id is not None else np.zeros((0,), np.int64)
-  doc_start = int(eos[-1]) + 1 if len(eos) else 0
-  if e - doc_start < m:
-    return ids
-  s = int(rng.integers(doc_start, e - m + 1))
-  return np.concatenate([ids[:e], ids[s:s + m], ids[e:]])[:n]
