@@ -162,22 +162,40 @@ def bootstrap_intervals(runs: list[dict], num: int = 200, seed: int = 0,
           for k, v in samples.items()}
 
 
+def against(interval, published: float) -> str:
+  """Where a published value lies against our 95% interval: within, or ours above/below it."""
+  if not isinstance(interval, list):
+    return "n/a (one seed)"
+  if interval[0] <= published <= interval[1]:
+    return f"{published} within"
+  return f"ours {'above' if interval[0] > published else 'below'} {published}"
+
+
 def comparison_lines(fit: dict) -> list[str]:
-  """Our exponents beside Chinchilla's and Kaplan's, one line each."""
+  """Our exponents beside Chinchilla's and Kaplan's, one line each, with the computed agreement."""
+  intervals = fit.get("intervals", {})
+
   def show(key, source):
     value = source.get(key)
     if value is None:
       return "n/a"
-    interval = fit.get("intervals", {}).get(key, "n/a")
+    interval = intervals.get(key, "n/a")
     text = f"{value:.3f}"
     return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if isinstance(interval, list) else
                    " [n/a]")
+
+  def verdict(key, *published):
+    return "; ".join(against(intervals.get(key, "n/a"), p) for p in published)
   a2, a3 = fit["approach2"], fit["approach3"]
   return [
-      f"a (N_opt ∝ C^a), approach 2: {show('a', a2)}   Chinchilla 0.50 (0.49), Kaplan 0.73",
-      f"b (D_opt ∝ C^b), approach 2: {show('b', a2)}   Chinchilla 0.50 (0.51)",
-      f"alpha (A/N^alpha), approach 3: {show('alpha', a3)}   Chinchilla 0.34",
-      f"beta (B/D^beta), approach 3: {show('beta', a3)}   Chinchilla 0.28",
+      f"a (N_opt ∝ C^a), approach 2: {show('a', a2)}   Chinchilla 0.50 (0.49), Kaplan 0.73   "
+      f"({verdict('a', CHINCHILLA['a'], KAPLAN['a'])})",
+      f"b (D_opt ∝ C^b), approach 2: {show('b', a2)}   Chinchilla 0.50 (0.51)   "
+      f"({verdict('b', CHINCHILLA['b'])})",
+      f"alpha (A/N^alpha), approach 3: {show('alpha', a3)}   Chinchilla 0.34   "
+      f"({verdict('alpha', CHINCHILLA['alpha'])})",
+      f"beta (B/D^beta), approach 3: {show('beta', a3)}   Chinchilla 0.28   "
+      f"({verdict('beta', CHINCHILLA['beta'])})",
       f"a, b implied by approach 3: {a3['a']:.3f}, {a3['b']:.3f}   Chinchilla 0.46, 0.54",
       f"E (irreducible loss), approach 3: {a3['E']:.3f} nats   Chinchilla 1.69 (another corpus "
       "and tokenizer)"]

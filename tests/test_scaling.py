@@ -50,6 +50,10 @@ def test_fits_recover_known_exponents_from_noisy_synthetic_losses():
   lines = scaling_fit.comparison_lines({"approach2": fit2, "approach3": fit3,
                                         "intervals": intervals})
   assert "Kaplan 0.73" in lines[0] and "Chinchilla 0.34" in lines[2]
+  assert "(0.34 within)" in lines[2]  # the true alpha
+  assert "ours below 0.73" in lines[0]  # the true a is 0.45
+  assert scaling_fit.against([0.6, 0.7], 0.5) == "ours above 0.5"
+  assert scaling_fit.against("n/a", 0.5) == "n/a (one seed)"
 
 
 def _run(*args, timeout=1800):
