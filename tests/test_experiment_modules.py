@@ -47,3 +47,13 @@ def test_pair_task_probe_refuses_a_workdir_without_checkpoints_in_one_line(tmp_p
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 1 and "has no checkpoints/ folder" in lines[-1], result.stderr[-2000:]
   assert not (tmp_path / "p").exists()  # nothing trained, nothing written
+
+
+def test_encoder_reliance_splits_the_loss_by_target_kind():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from experiments import encoder_reliance  # pylint: disable=g-import-not-at-top
+  targets = np.array([[90, 5, 6, 91, 7, 1, 0]])  # sentinel, text, text, sentinel, text, EOS, pad
+  weights = np.array([[1, 1, 1, 1, 1, 1, 0]], np.float32)
+  nll = np.array([[0.5, 2.0, 4.0, 0.25, 3.0, 1.0, 9.0]])
+  got = encoder_reliance.loss_by_kind(nll, targets, weights, {90, 91}, eos_id=1)
+  assert got == {"text": (9.0, 3), "sentinel": (0.75, 2), "eos": (1.0, 1)}  # the pad is out

@@ -1,0 +1,101 @@
+"""Does an encoder-decoder's decoder read its encoder? Held-out loss with the real and a swapped encoder input.
+
+  python experiments/encoder_reliance.py \
+      --workdir=experiments/results/compare_objectives_cpu/span_corruption/seed0/pretrain
+
+For each held-out batch of the run's own objective (span corruption or denoising), the decoder's
+loss is computed twice: with each row's own encoder input, and with the batch's rows in reverse
+order (every target then sees another document's encoder input). The loss is split by target
+kind: sentinel tokens, EOS, and the text tokens themselves. A decoder that uses its encoder loses
+much more on text tokens with the swapped input; equal losses mean it predicts from its own
+prefix alone. Prints a table and writes WORKDIR/encoder_reliance.json (or --out).
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+flags.DEFINE_string("workdir", None, "An encoder-decoder training workdir (its latest checkpoint).",
+                    required=True)
+flags.DEFINE_integer("batches", 8, "Held-out batches of the run's eval batch size.")
+flags.DEFINE_string("out", "", "Result JSON (default: WORKDIR/encoder_reliance.json).")
+FLAGS = flags.FLAGS
+
+KINDS = ("text", "sentinel", "eos")
+
+
+def loss_by_kind(nll_BxT, targets_BxT, weights_BxT, sentinel_ids, eos_id) -> dict:
+  """{kind: (summed nll, count)} over the weighted target positions."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sentinel = np.isin(targets_BxT, list(sentinel_ids))
+  eos = targets_BxT == eos_id
+  masks = {"sentinel": sentinel, "eos": eos & ~sentinel, "text": ~sentinel & ~eos}
+  return {k: (float(nll_BxT[m & (weights_BxT > 0)].sum()), int((m & (weights_BxT > 0)).sum()))
+          for k, m in masks.items()}
+
+
+def main(argv):
+  del argv
+  from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.configure()
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import numpy as np
+  from gptjax.data import input_pipeline
+  from gptjax.model import models
+  from gptjax.model.config import ModelConfig
+  from gptjax.training import checkpointing
+  config, params, tok = checkpointing.restore_for_inference(FLAGS.workdir)
+  if config.model.family != "encoder_decoder":
+    raise SystemExit(f"error: {FLAGS.workdir} holds a {config.model.family!r} model; this probe "
+                     "needs an encoder_decoder one (T5 or BART)")
+  model = models.make_model(ModelConfig.from_config(config.model))
+  batches = input_pipeline.make_eval_batches(config, tok, "validation", max_batches=FLAGS.batches)
+
+  @jax.jit
+  def nll(enc_inputs, enc_mask, dec_inputs, dec_targets):
+    logits = model.apply({"params": params}, enc_inputs, enc_mask, dec_inputs)["logits"]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    return -jnp.take_along_axis(logp, dec_targets[..., None], -1)[..., 0]
+
+  sentinels = set(getattr(tok, "sentinel_ids", []) or [])
+  totals = {(s, k): [0.0, 0] for s in ("own", "swapped") for k in KINDS}
+  for b in batches:
+    keep = b["dec_weights"].sum(1) > 0  # padded rows out, so the swap pairs real rows only
+    b = {k: v[keep] for k, v in b.items()}
+    if len(b["enc_inputs"]) < 2:
+      continue
+    for setting, order in (("own", slice(None)), ("swapped", slice(None, None, -1))):
+      out = np.asarray(nll(b["enc_inputs"][order], b["enc_mask"][order], b["dec_inputs"],
+                           b["dec_targets"]))
+      for k, (s, n) in loss_by_kind(out, b["dec_targets"], b["dec_weights"], sentinels,
+                                    tok.eos_id).items():
+        totals[(setting, k)][0] += s
+        totals[(setting, k)][1] += n
+  result = {"workdir": FLAGS.workdir, "objective": config.objective, "batches": len(batches),
+            "mean_nll": {f"{s}/{k}": (v[0] / v[1] if v[1] else None)
+                         for (s, k), v in totals.items()},
+            "targets": {k: totals[("own", k)][1] for k in KINDS}}
+  own, swapped = result["mean_nll"]["own/text"], result["mean_nll"]["swapped/text"]
+  result["text_gain_from_own_encoder"] = None if own is None else swapped - own
+  print(f"{config.objective} in {FLAGS.workdir}")
+  print("| target kind | count | nll, own encoder input | nll, swapped |")
+  print("|---|---:|---:|---:|")
+  for k in KINDS:
+    o, s = result["mean_nll"][f"own/{k}"], result["mean_nll"][f"swapped/{k}"]
+    if o is not None:
+      print(f"| {k} | {result['targets'][k]} | {o:.3f} | {s:.3f} |")
+  path = FLAGS.out or os.path.join(FLAGS.workdir, "encoder_reliance.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
