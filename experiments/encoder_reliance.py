@@ -22,11 +22,15 @@ from absl import flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-flags.DEFINE_string("workdir", None, "An encoder-decoder training workdir (its latest checkpoint).",
-                    required=True)
-flags.DEFINE_integer("batches", 8, "Held-out batches of the run's eval batch size.")
-flags.DEFINE_string("out", "", "Result JSON (default: WORKDIR/encoder_reliance.json).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The script's flags, defined only when it runs (tests import loss_by_kind beside other scripts)."""
+  flags.DEFINE_string("workdir", None, "An encoder-decoder training workdir (its latest "
+                      "checkpoint).", required=True)
+  flags.DEFINE_integer("batches", 8, "Held-out batches of the run's eval batch size.")
+  flags.DEFINE_string("out", "", "Result JSON (default: WORKDIR/encoder_reliance.json).")
 
 KINDS = ("text", "sentinel", "eos")
 
@@ -98,4 +102,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
