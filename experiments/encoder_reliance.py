@@ -4,8 +4,8 @@
       --workdir=experiments/results/compare_objectives_cpu/span_corruption/seed0/pretrain
 
 For each held-out batch of the run's own objective (span corruption or denoising), the decoder's
-loss is computed twice: with each row's own encoder input, and with the batch's rows in reverse
-order (every target then sees another document's encoder input). The loss is split by target
+loss is computed twice: with each row's own encoder input, and with the encoder inputs rolled by
+one row (every target then sees another document's encoder input). The loss is split by target
 kind: sentinel tokens, EOS, and the text tokens themselves. A decoder that uses its encoder loses
 much more on text tokens with the swapped input; equal losses mean it predicts from its own
 prefix alone. Prints a table and writes WORKDIR/encoder_reliance.json (or --out).
@@ -31,6 +31,7 @@ def define_flags() -> None:
                       "checkpoint).", required=True)
   flags.DEFINE_integer("batches", 8, "Held-out batches of the run's eval batch size.")
   flags.DEFINE_string("out", "", "Result JSON (default: WORKDIR/encoder_reliance.json).")
+
 
 KINDS = ("text", "sentinel", "eos")
 
@@ -71,19 +72,23 @@ def main(argv):
 
   sentinels = set(getattr(tok, "sentinel_ids", []) or [])
   totals = {(s, k): [0.0, 0] for s in ("own", "swapped") for k in KINDS}
+  used = 0
   for b in batches:
     keep = b["dec_weights"].sum(1) > 0  # padded rows out, so the swap pairs real rows only
     b = {k: v[keep] for k, v in b.items()}
-    if len(b["enc_inputs"]) < 2:
+    n = len(b["enc_inputs"])
+    if n < 2:
       continue
-    for setting, order in (("own", slice(None)), ("swapped", slice(None, None, -1))):
+    used += 1
+    # a roll by one moves every row (a reversal would leave an odd batch's middle row in place)
+    for setting, order in (("own", np.arange(n)), ("swapped", np.roll(np.arange(n), 1))):
       out = np.asarray(nll(b["enc_inputs"][order], b["enc_mask"][order], b["dec_inputs"],
                            b["dec_targets"]))
       for k, (s, n) in loss_by_kind(out, b["dec_targets"], b["dec_weights"], sentinels,
                                     tok.eos_id).items():
         totals[(setting, k)][0] += s
         totals[(setting, k)][1] += n
-  result = {"workdir": FLAGS.workdir, "objective": config.objective, "batches": len(batches),
+  result = {"workdir": FLAGS.workdir, "objective": config.objective, "batches": used,
             "mean_nll": {f"{s}/{k}": (v[0] / v[1] if v[1] else None)
                          for (s, k), v in totals.items()},
             "targets": {k: totals[("own", k)][1] for k in KINDS}}
