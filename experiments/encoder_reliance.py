@@ -29,6 +29,7 @@ def define_flags() -> None:
   """The script's flags, defined only when it runs (tests import loss_by_kind beside other scripts)."""
   flags.DEFINE_string("workdir", None, "An encoder-decoder training workdir (its latest "
                       "checkpoint).", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("batches", 8, "Held-out batches of the run's eval batch size.")
   flags.DEFINE_string("out", "", "Result JSON (default: WORKDIR/encoder_reliance.json).")
 
@@ -57,7 +58,7 @@ def main(argv):
   from gptjax.model import models
   from gptjax.model.config import ModelConfig
   from gptjax.training import checkpointing
-  config, params, tok = checkpointing.restore_for_inference(FLAGS.workdir)
+  config, params, tok = checkpointing.restore_for_inference(FLAGS.workdir, FLAGS.step)
   if config.model.family != "encoder_decoder":
     raise SystemExit(f"error: {FLAGS.workdir} holds a {config.model.family!r} model; this probe "
                      "needs an encoder_decoder one (T5 or BART)")
@@ -88,7 +89,8 @@ def main(argv):
                                     tok.eos_id).items():
         totals[(setting, k)][0] += s
         totals[(setting, k)][1] += n
-  result = {"workdir": FLAGS.workdir, "objective": config.objective, "batches": used,
+  result = {"workdir": FLAGS.workdir, "step": FLAGS.step or "latest",
+            "objective": config.objective, "batches": used,
             "mean_nll": {f"{s}/{k}": (v[0] / v[1] if v[1] else None)
                          for (s, k), v in totals.items()},
             "targets": {k: totals[("own", k)][1] for k in KINDS}}

@@ -142,6 +142,17 @@ def test_flipped_bytes_fail_the_checksum_and_eval_uses_the_previous(trained, tmp
   del config
 
 
+def test_inference_restores_a_chosen_step_and_names_the_steps_it_has(trained):
+  w = str(trained[0])
+  latest = jax.tree.leaves(checkpointing.restore_for_inference(w)[1])
+  at_5 = jax.tree.leaves(checkpointing.restore_for_inference(w, step=5)[1])
+  at_10 = jax.tree.leaves(checkpointing.restore_for_inference(w, step=10)[1])
+  assert all(np.array_equal(a, b) for a, b in zip(latest, at_10))
+  assert not all(np.array_equal(a, b) for a, b in zip(at_5, at_10))
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 7 .* its steps: 5, 10"):
+    checkpointing.restore_for_inference(w, step=7)
+
+
 def test_checksums_are_saved_beside_every_array(trained):
   ckpt = checkpointing.Checkpointer(str(trained[0]), read_only=True, async_save=False)
   arrays = ckpt.restore_meta(10)["arrays"]

@@ -198,8 +198,9 @@ def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(meta["config"]))
 
 
-def restore_for_inference(workdir: str):
-  """(config, params, tokenizer) from the latest checkpoint of `workdir`, params unsharded float32."""
+def restore_for_inference(workdir: str, step: Optional[int] = None):
+  """(config, params, tokenizer) from the latest checkpoint of `workdir` (or the one at `step`),
+  params unsharded float32."""
   from gptjax.transfer import trainable as finetune_state  # pylint: disable=g-import-not-at-top
   from gptjax.data import tokenization
   from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
@@ -210,6 +211,11 @@ def restore_for_inference(workdir: str):
   steps = ckpt.steps()
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {workdir}; train first with --mode=train")
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}; its steps: "
+                              f"{', '.join(map(str, steps))}")
+    steps = [step]
   meta = None
   for s in reversed(steps):
     try:
