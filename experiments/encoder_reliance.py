@@ -28,7 +28,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The script's flags, defined only when it runs (tests import loss_by_kind beside other scripts)."""
   flags.DEFINE_string("workdir", None, "An encoder-decoder training workdir (its latest "
-                      "checkpoint).", required=True)
+                      "checkpoint, or the one at --step).", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("batches", 8, "Held-out batches of the run's eval batch size.")
   flags.DEFINE_string("out", "", "Result JSON (default: WORKDIR/encoder_reliance.json).")
@@ -58,7 +58,10 @@ def main(argv):
   from gptjax.model import models
   from gptjax.model.config import ModelConfig
   from gptjax.training import checkpointing
-  config, params, tok = checkpointing.restore_for_inference(FLAGS.workdir, FLAGS.step)
+  try:
+    config, params, tok = checkpointing.restore_for_inference(FLAGS.workdir, FLAGS.step)
+  except FileNotFoundError as e:
+    raise SystemExit(f"error: {e}") from None
   if config.model.family != "encoder_decoder":
     raise SystemExit(f"error: {FLAGS.workdir} holds a {config.model.family!r} model; this probe "
                      "needs an encoder_decoder one (T5 or BART)")
@@ -89,7 +92,7 @@ def main(argv):
                                     tok.eos_id).items():
         totals[(setting, k)][0] += s
         totals[(setting, k)][1] += n
-  result = {"workdir": FLAGS.workdir, "step": FLAGS.step or "latest",
+  result = {"workdir": FLAGS.workdir, "step": "latest" if FLAGS.step is None else FLAGS.step,
             "objective": config.objective, "batches": used,
             "mean_nll": {f"{s}/{k}": (v[0] / v[1] if v[1] else None)
                          for (s, k), v in totals.items()},
