@@ -28,6 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from experiments import compare_objectives_report as report  # pylint: disable=g-import-not-at-top
+from experiments import encoder_reliance  # pylint: disable=g-import-not-at-top
 from experiments import finished_runs  # pylint: disable=g-import-not-at-top
 from experiments.compare_objectives_probe import run_probe  # pylint: disable=g-import-not-at-top
 from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
@@ -303,11 +304,27 @@ def run_unit(arm: str, seed: int, config, preset: dict, majority: float) -> dict
 
   row = finished_runs.cached(root, f"{arm} seed {seed} row", compute,
                              lambda r: f"unit done in {r['unit_wall_s']:.0f}s")
+  if family in ("t5", "bart"):
+    reliance_of(root, preset["eval_steps"])
   cfg = ModelConfig.from_config(config.model)
   target = config.data.target_len if cfg.family == "encoder_decoder" else 0
   fps = flops_lib.train_flops_per_example(cfg, config.data.seq_len, target, config.objective) \
       * config.data.batch_size
   return row, _curve(pre_dir, fps)
+
+
+def reliance_of(root: str, batches: int) -> dict:
+  """Does the unit's decoder read its encoder? encoder_reliance on its pre-trained checkpoint,
+  stored in ROOT/encoder_reliance/ ({} when the checkpoint is not on this machine)."""
+  def compute():
+    return encoder_reliance.measure(os.path.join(root, "pretrain"), batches)
+  try:
+    return finished_runs.cached(os.path.join(root, "encoder_reliance"), "encoder reliance", compute,
+                                lambda r: f"text nll +{r['text_gain_from_own_encoder']:.3f} with "
+                                          "another row's encoder input")
+  except FileNotFoundError as e:
+    print(f"  encoder reliance: not measured ({e})", flush=True)
+    return {}
 
 
 def finished_rows(arms: list, seeds: list) -> list[dict]:
@@ -317,7 +334,12 @@ def finished_rows(arms: list, seeds: list) -> list[dict]:
     seed_dirs = sorted(glob.glob(os.path.join(FLAGS.out, arm, "seed*", "result.json")))
     for path in seed_dirs:
       with open(path, encoding="utf-8") as f:
-        rows.append(json.load(f))
+        row = json.load(f)
+      reliance = os.path.join(os.path.dirname(path), "encoder_reliance", "result.json")
+      if os.path.exists(reliance):
+        with open(reliance, encoding="utf-8") as f:
+          row["encoder_text_gain"] = json.load(f)["text_gain_from_own_encoder"]
+      rows.append(row)
   del arms, seeds
   return sorted(rows, key=lambda r: (list(ARMS).index(r["arm"]), int(r["seed"])))
 

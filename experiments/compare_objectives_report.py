@@ -12,6 +12,7 @@ from experiments import objective_directions
 
 COLUMNS = ["arm", "seed", "params", "pretrain_steps", "pretrain_tokens", "loss_tokens",
            "intrinsic_name", "intrinsic", "intrinsic_loss", "unigram_loss", "nats_below_unigram",
+           "encoder_text_gain",
            "nsp_acc", "sop_acc", "pair_eval_pairs", "probe_acc", "probe_random_acc",
            "finetune_acc", "scratch_acc",
            "majority_acc", "pretrain_wall_s", "unit_wall_s", "git_commit"]
@@ -55,9 +56,11 @@ def _cell(rows, arm, key) -> str:
 
 
 def thresholds(rows: list[dict], majority: float) -> list[str]:
-  """Per unit: does pre-training end >= 1 nat below unigram, fine-tune and scratch >= +0.15."""
-  lines = ["| arm | seed | nats below unigram | meets >= 1 | fine-tune - majority | scratch - majority "
-           "| both >= 0.15 |", "|---|---|---|---|---|---|---|"]
+  """Per unit: does pre-training end >= 1 nat below unigram, fine-tune and scratch >= +0.15; and
+  for encoder-decoders, how much the decoder's text loss rises with another row's encoder input."""
+  lines = ["| arm | seed | nats below unigram | meets >= 1 | decoder's gain from its encoder (nats) "
+           "| fine-tune - majority | scratch - majority | both >= 0.15 |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     nats = r.get("nats_below_unigram")
     ft = float(r["finetune_acc"]) - majority if r.get("finetune_acc") not in (None, "") else None
@@ -65,8 +68,10 @@ def thresholds(rows: list[dict], majority: float) -> list[str]:
     learned = "" if nats in (None, "") else ("yes" if float(nats) >= LEARNED_NATS else "no")
     ok = "" if ft is None or sc is None else \
         ("yes" if min(ft, sc) >= ABOVE_MAJORITY else "no")
+    gain = r.get("encoder_text_gain")
+    gain = "" if gain in (None, "") else f"{float(gain):+.3f}"
     lines.append(f"| {r['arm']} | {r['seed']} | {'' if nats in (None, '') else f'{float(nats):.2f}'} "
-                 f"| {learned} | {'' if ft is None else f'{ft:+.3f}'} | "
+                 f"| {learned} | {gain} | {'' if ft is None else f'{ft:+.3f}'} | "
                  f"{'' if sc is None else f'{sc:+.3f}'} | {ok} |")
   return lines
 

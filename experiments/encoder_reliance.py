@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import sys
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -47,10 +48,12 @@ def loss_by_kind(nll_BxT, targets_BxT, weights_BxT, sentinel_ids, eos_id) -> dic
           for k, m in masks.items()}
 
 
-def main(argv):
-  del argv
-  from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.configure()
+def measure(workdir: str, batches: int = 8, step: Optional[int] = None) -> dict:
+  """Held-out decoder loss by target kind with own and swapped encoder inputs (module docstring).
+
+  FileNotFoundError when `workdir` has no checkpoint (at `step`); ValueError when its model is
+  not an encoder-decoder.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
   import numpy as np
@@ -58,15 +61,12 @@ def main(argv):
   from gptjax.model import models
   from gptjax.model.config import ModelConfig
   from gptjax.training import checkpointing
-  try:
-    config, params, tok = checkpointing.restore_for_inference(FLAGS.workdir, FLAGS.step)
-  except FileNotFoundError as e:
-    raise SystemExit(f"error: {e}") from None
+  config, params, tok = checkpointing.restore_for_inference(workdir, step)
   if config.model.family != "encoder_decoder":
-    raise SystemExit(f"error: {FLAGS.workdir} holds a {config.model.family!r} model; this probe "
-                     "needs an encoder_decoder one (T5 or BART)")
+    raise ValueError(f"{workdir} holds a {config.model.family!r} model; this probe needs an "
+                     "encoder_decoder one (T5 or BART)")
   model = models.make_model(ModelConfig.from_config(config.model))
-  batches = input_pipeline.make_eval_batches(config, tok, "validation", max_batches=FLAGS.batches)
+  held_out = input_pipeline.make_eval_batches(config, tok, "validation", max_batches=batches)
 
   @jax.jit
   def nll(enc_inputs, enc_mask, dec_inputs, dec_targets):
@@ -77,7 +77,7 @@ def main(argv):
   sentinels = set(getattr(tok, "sentinel_ids", []) or [])
   totals = {(s, k): [0.0, 0] for s in ("own", "swapped") for k in KINDS}
   used = 0
-  for b in batches:
+  for b in held_out:
     keep = b["dec_weights"].sum(1) > 0  # padded rows out, so the swap pairs real rows only
     b = {k: v[keep] for k, v in b.items()}
     n = len(b["enc_inputs"])
@@ -88,24 +88,40 @@ def main(argv):
     for setting, order in (("own", np.arange(n)), ("swapped", np.roll(np.arange(n), 1))):
       out = np.asarray(nll(b["enc_inputs"][order], b["enc_mask"][order], b["dec_inputs"],
                            b["dec_targets"]))
-      for k, (s, n) in loss_by_kind(out, b["dec_targets"], b["dec_weights"], sentinels,
+      for k, (s, c) in loss_by_kind(out, b["dec_targets"], b["dec_weights"], sentinels,
                                     tok.eos_id).items():
         totals[(setting, k)][0] += s
-        totals[(setting, k)][1] += n
-  result = {"workdir": FLAGS.workdir, "step": "latest" if FLAGS.step is None else FLAGS.step,
+        totals[(setting, k)][1] += c
+  result = {"workdir": workdir, "step": "latest" if step is None else step,
             "objective": config.objective, "batches": used,
             "mean_nll": {f"{s}/{k}": (v[0] / v[1] if v[1] else None)
                          for (s, k), v in totals.items()},
             "targets": {k: totals[("own", k)][1] for k in KINDS}}
   own, swapped = result["mean_nll"]["own/text"], result["mean_nll"]["swapped/text"]
   result["text_gain_from_own_encoder"] = None if own is None else swapped - own
-  print(f"{config.objective} in {FLAGS.workdir}")
-  print("| target kind | count | nll, own encoder input | nll, swapped |")
-  print("|---|---:|---:|---:|")
+  return result
+
+
+def table_lines(result: dict) -> list[str]:
+  """The result as a markdown table, one row per target kind."""
+  lines = ["| target kind | count | nll, own encoder input | nll, swapped |", "|---|---:|---:|---:|"]
   for k in KINDS:
     o, s = result["mean_nll"][f"own/{k}"], result["mean_nll"][f"swapped/{k}"]
     if o is not None:
-      print(f"| {k} | {result['targets'][k]} | {o:.3f} | {s:.3f} |")
+      lines.append(f"| {k} | {result['targets'][k]} | {o:.3f} | {s:.3f} |")
+  return lines
+
+
+def main(argv):
+  del argv
+  from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.configure()
+  try:
+    result = measure(FLAGS.workdir, FLAGS.batches, FLAGS.step)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"{result['objective']} in {FLAGS.workdir}")
+  print("\n".join(table_lines(result)))
   path = FLAGS.out or os.path.join(FLAGS.workdir, "encoder_reliance.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)

@@ -57,3 +57,28 @@ def test_encoder_reliance_splits_the_loss_by_target_kind():
   nll = np.array([[0.5, 2.0, 4.0, 0.25, 3.0, 1.0, 9.0]])
   got = encoder_reliance.loss_by_kind(nll, targets, weights, {90, 91}, eos_id=1)
   assert got == {"text": (9.0, 3), "sentinel": (0.75, 2), "eos": (1.0, 1)}  # the pad is out
+
+
+def test_encoder_reliance_measures_a_trained_t5_and_the_thresholds_table_shows_it(tmp_path,
+                                                                                   data_cache):
+  import os  # pylint: disable=g-import-not-at-top
+  from experiments import compare_objectives_report as report  # pylint: disable=g-import-not-at-top
+  from experiments import encoder_reliance  # pylint: disable=g-import-not-at-top
+  w = tmp_path / "t5"
+  trained = subprocess.run(
+      [sys.executable, "run.py", "--config=configs/t5.py:tiny", f"--workdir={w}", "--mode=train",
+       "--config.model.num_layers=1", "--config.train.steps=2", "--config.train.eval_every=0",
+       "--config.train.progress=False", "--config.data.max_docs=20"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, GPTJAX_CACHE=str(data_cache)))
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  result = encoder_reliance.measure(str(w), batches=2)
+  assert result["objective"] == "span_corruption" and result["batches"] == 2
+  assert result["targets"]["text"] > 0 and result["targets"]["sentinel"] > 0
+  # two steps from a random init: the decoder's output still moves with its encoder input
+  assert result["text_gain_from_own_encoder"] != 0.0
+  row = {"arm": "span_corruption", "seed": 0, "nats_below_unigram": 0.5, "finetune_acc": 0.7,
+         "scratch_acc": 0.7, "encoder_text_gain": 0.0123}
+  lines = report.thresholds([row, {**row, "arm": "mlm", "encoder_text_gain": ""}], 0.5)
+  assert "| span_corruption | 0 | 0.50 | no | +0.012 | +0.200 |" in lines[2]
+  assert "| mlm | 0 | 0.50 | no |  | +0.200 |" in lines[3]
