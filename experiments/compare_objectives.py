@@ -7,7 +7,8 @@ Every arm pre-trains on enwiki2015 (no arm repeats its data) for the same budget
 tokens (or FLOPs), with parameter counts within 10% of each other. Each (arm, seed) is one
 resumable unit: pre-train, the unigram baseline of the positions it predicts, NSP and SOP
 accuracy for the pair arms (ALBERT's cross-task check), a linear probe on sst2 beside the same
-probe on a random body, full fine-tuning beside the family's scratch run. Its row lands in
+probe on a random body, full fine-tuning beside the family's scratch run, and for the
+encoder-decoders whether the decoder reads its encoder (encoder_reliance). Its row lands in
 results.csv when the unit finishes, and results.md (gains and published directions with 95%
 intervals and computed verdicts) is rebuilt from every row on disk, so the table grows over
 several sessions. Finished stages are skipped on re-run.
@@ -320,8 +321,8 @@ def reliance_of(root: str, batches: int) -> dict:
     return encoder_reliance.measure(os.path.join(root, "pretrain"), batches)
   try:
     return finished_runs.cached(os.path.join(root, "encoder_reliance"), "encoder reliance", compute,
-                                lambda r: f"text nll +{r['text_gain_from_own_encoder']:.3f} with "
-                                          "another row's encoder input")
+                                lambda r: f"text nll {r['text_gain_from_own_encoder'] or 0:+.3f} "
+                                          "with another row's encoder input")
   except FileNotFoundError as e:
     print(f"  encoder reliance: not measured ({e})", flush=True)
     return {}
