@@ -27,7 +27,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The script's flags, defined only when it runs (tests import loss_by_kind beside other scripts)."""
+  """The script's flags, defined only when it runs (compare_objectives and the tests import this
+  module beside other scripts that define flags of the same names)."""
   flags.DEFINE_string("workdir", None, "An encoder-decoder training workdir (its latest "
                       "checkpoint, or the one at --step).", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
