@@ -136,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.schedule = "cosine"  # cosine | linear | constant
   tr.decay_steps = 0  # horizon of the decay; 0: train.steps (fix it to extend a run exactly)
   tr.min_lr_ratio = 0.1
+  tr.optimizer = "adamw"  # adamw | adafactor (T5's; learning_rate is then relative, e.g. 1e-2)
   tr.weight_decay = 0.1
   tr.b1 = 0.9
   tr.b2 = 0.95
@@ -307,6 +308,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """All start-up checks that need only the config."""
   validate_model(c.model)
   _one_of("config.train.schedule", c.train.schedule, ("cosine", "linear", "constant"))
+  _one_of("config.train.optimizer", c.train.optimizer, ("adamw", "adafactor"))
   _one_of("config.parallelism.mode", c.parallelism.mode, ("mesh", "pmap"))
   validate_numbers(c)
   batch_spec.check_family_objective(c.model.family, c.objective)

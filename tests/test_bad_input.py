@@ -29,6 +29,7 @@ TINY = {"train.log_every": 1, "train.eval_every": 0, "train.progress": False,
     ({"train.log_every": 0}, "config.train.log_every=0"),
     ({"train.ckpt_every": 0}, "config.train.ckpt_every=0"),
     ({"quantize": "int4"}, "config.quantize='int4' is not supported"),
+    ({"train.optimizer": "sgd"}, "config.train.optimizer='sgd'"),
 ])
 def test_bad_numbers_are_one_line_at_start_up(override, needle):
   with pytest.raises(ConfigError) as e:

@@ -158,6 +158,8 @@ OBJECTIVE_RUNS = [
     ("gpt", "next_token", {}), ("gpt", "prefix_lm", {}),
     ("bert", "mlm", {}), ("bert", "mlm_nsp", {}),
     ("t5", "span_corruption", {}), ("bart", "denoise", {}),
+    # T5's optimizer: its factored statistics of each matrix have their own (replicated) shardings
+    ("t5", "span_corruption", {"train.optimizer": "adafactor", "train.learning_rate": 1e-2}),
     # 16 sst2 sentences seen 8 times: their loss must fall (16 fresh batches of 8 are noise).
     ("bert", "classification", {"model.num_classes": 2, "data.corpus": "sst2",
                                 "data.max_docs": 16}),
@@ -167,12 +169,12 @@ OBJECTIVE_RUNS = [
 
 
 @pytest.mark.parametrize("family,objective,extra", OBJECTIVE_RUNS,
-                         ids=[f"{f}-{o}" for f, o, _ in OBJECTIVE_RUNS])
+                         ids=[f"{f}-{o}" + ("-" + e["train.optimizer"] if "train.optimizer" in e
+                                               else "") for f, o, e in OBJECTIVE_RUNS])
 def test_each_objective_trains_its_family(tmp_path, family, objective, extra):
-  overrides = dict(TINY, **{"objective": objective, "train.steps": 16, "train.learning_rate": 3e-3,
-                            "train.warmup_steps": 2, "train.ckpt_every": 1000,
-                            "model.dropout_rate": 0.0, "model.attention_dropout_rate": 0.0},
-                   **extra)
+  overrides = {**TINY, "objective": objective, "train.steps": 16, "train.learning_rate": 3e-3,
+               "train.warmup_steps": 2, "train.ckpt_every": 1000, "model.dropout_rate": 0.0,
+               "model.attention_dropout_rate": 0.0, **extra}
   config = load_config(family, "tiny", **overrides)
   train.train_and_evaluate(config, str(tmp_path / "w"))
   losses = _losses(tmp_path / "w")

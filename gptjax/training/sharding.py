@@ -63,8 +63,16 @@ def rules(parallelism) -> tuple:
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, parallelism):
-  """NamedShardings for a tree of (abstract) LogicallyPartitioned values; unboxed leaves replicate."""
-  specs = nn.get_partition_spec(boxed_tree)
+  """NamedShardings for a tree of (abstract) LogicallyPartitioned values; unboxed leaves replicate.
+
+  A box whose value lost the rank its names describe (Adafactor's factored row and column
+  statistics of a matrix keep the matrix's box) is replicated: those statistics are small.
+  """
+  def spec(x):
+    if isinstance(x, nn.Partitioned) and len(x.names) != len(x.value.shape):
+      return P()
+    return nn.get_partition_spec(x)
+  specs = jax.tree.map(spec, boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
   return nn.logical_to_mesh_sharding(specs, mesh, rules(parallelism))
 
 

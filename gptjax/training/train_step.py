@@ -50,17 +50,29 @@ def decay_mask(params) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def _base_optimizer(train_cfg) -> optax.GradientTransformation:
+  if train_cfg.optimizer == "adafactor":
+    # T5's recipe: factored second moments, no first moment, and updates scaled by each
+    # parameter's RMS, so `learning_rate` is a relative step (T5 used 1e-2).
+    return optax.adafactor(learning_rate_schedule(train_cfg), decay_rate=0.8,
+                           multiply_by_parameter_scale=True, clipping_threshold=1.0,
+                           weight_decay_rate=train_cfg.weight_decay or None,
+                           weight_decay_mask=decay_mask)
+  return optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                     weight_decay=train_cfg.weight_decay, mask=decay_mask)
+
+
 def make_optimizer(train_cfg, trainable_mask: Optional[Any] = None,
                    ops: Ops = XLA) -> optax.GradientTransformation:
-  """AdamW with clipping and a decay mask; frozen leaves (mask False) get no state and no update.
+  """AdamW (or Adafactor) with clipping and a decay mask; frozen leaves (mask False) get no state
+  and no update.
 
   `ops` (the model's, gptjax.model.ops.ops_for) supplies the clipping.
   """
   clip = train_cfg.grad_clip
   tx = optax.chain(
       ops.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
-      optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                  weight_decay=train_cfg.weight_decay, mask=decay_mask))
+      _base_optimizer(train_cfg))
   if trainable_mask is None:
     return tx
   labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask)
