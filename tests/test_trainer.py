@@ -105,7 +105,7 @@ def test_a_second_run_in_the_process_reuses_a_fresh_measured_peak():
   assert later.flops >= first.flops  # the best rate of the process so far
 
 
-def test_checkpoints_with_removed_config_fields_still_resume():
+def test_checkpoints_with_removed_or_older_config_fields_still_resume():
   from gptjax import config_schema  # pylint: disable=import-outside-toplevel
   from gptjax.training import resume_check  # pylint: disable=import-outside-toplevel
   saved = json.loads(config_schema.base_config().to_json_best_effort())
@@ -114,3 +114,10 @@ def test_checkpoints_with_removed_config_fields_still_resume():
   saved["data"]["seq_len"] = 7
   unsafe, _ = resume_check.config_changes(json.dumps(saved), config_schema.base_config())
   assert list(unsafe) == ["data.seq_len"]
+  del saved["data"]["seq_len"], saved["train"]["optimizer"]  # saved before train.optimizer existed
+  saved["data"]["seq_len"] = config_schema.base_config().data.seq_len
+  assert resume_check.config_changes(json.dumps(saved), config_schema.base_config()) == ({}, {})
+  requested = config_schema.base_config()
+  requested.train.optimizer = "adafactor"
+  unsafe, _ = resume_check.config_changes(json.dumps(saved), requested)
+  assert unsafe == {"train.optimizer": ["adamw", "adafactor"]}

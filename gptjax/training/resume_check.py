@@ -36,6 +36,8 @@ SAFE_PREFIXES = (
 )
 # Fields older checkpoints saved that no longer exist (they never changed what a run computed).
 REMOVED_FIELDS = ("data.pack", "data.num_workers")
+# Fields added since older checkpoints were saved, with the value those runs used.
+ADDED_FIELDS = {"train.optimizer": "adamw"}
 SCHEDULE_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.schedule",
                    "train.decay_steps", "train.min_lr_ratio")
 
@@ -60,6 +62,8 @@ def config_changes(saved: Any, requested: Any) -> tuple[dict, dict]:
   for field in REMOVED_FIELDS:
     if field not in b:
       a.pop(field, None)
+  for field, value in ADDED_FIELDS.items():
+    a.setdefault(field, value)
   unsafe, safe = {}, {}
   for field in sorted(set(a) | set(b)):
     old, new = a.get(field, "<absent>"), b.get(field, "<absent>")
