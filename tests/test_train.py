@@ -258,3 +258,33 @@ def test_gptjax_optimizer_matches_optax_clip_and_adamw(grad_scale):
     results.append((p, s))
   tol = 0 if grad_scale < cfg.grad_clip else 1e-5  # unclipped: bit-identical
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 1e-3), *results)
+
+
+def test_adafactor_matches_optax_without_decay_and_decays_by_lr_times_rate():
+  """train.optimizer=adafactor is optax's Adafactor (T5 settings); weight decay is lr * rate * w."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from gptjax.training import train_step  # pylint: disable=g-import-not-at-top
+  cfg = load_config("t5", "tiny", **{"train.optimizer": "adafactor", "train.learning_rate": 1e-2,
+                                     "train.weight_decay": 0.0, "train.grad_clip": 0.0}).train
+  params = {"kernel": jax.random.normal(jax.random.key(0), (256, 192)),
+            "scale": jax.random.normal(jax.random.key(1), (192,))}
+  grads = [jax.tree.map(lambda x, i=i: jax.random.normal(jax.random.key(10 + i), x.shape), params)
+           for i in range(3)]
+  def run(tx, gs):
+    p, s = params, tx.init(params)
+    for g in gs:
+      u, s = jax.jit(tx.update)(g, s, p)
+      p = optax.apply_updates(p, u)
+    return p
+  reference = optax.adafactor(train_step.learning_rate_schedule(cfg), decay_rate=0.8,
+                              clipping_threshold=1.0, multiply_by_parameter_scale=True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               run(train_step.make_optimizer(cfg), grads), run(reference, grads))
+  cfg.weight_decay = 0.5
+  zero = [jax.tree.map(np.zeros_like, params)] * 3  # no gradient: only the decay moves weights
+  schedule = train_step.learning_rate_schedule(cfg)
+  kept = np.prod([1 - float(schedule(t)) * 0.5 for t in range(3)])
+  assert kept < 0.999
+  decayed = run(train_step.make_optimizer(cfg), zero)
+  np.testing.assert_allclose(decayed["kernel"], params["kernel"] * kept, rtol=1e-5)
+  np.testing.assert_array_equal(decayed["scale"], params["scale"])  # vectors are not decayed

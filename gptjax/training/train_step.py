@@ -51,14 +51,19 @@ def decay_mask(params) -> Any:
 
 
 def _base_optimizer(train_cfg) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(train_cfg)
   if train_cfg.optimizer == "adafactor":
-    # T5's recipe: factored second moments, no first moment, and updates scaled by each
-    # parameter's RMS, so `learning_rate` is a relative step (T5 used 1e-2).
-    return optax.adafactor(learning_rate_schedule(train_cfg), decay_rate=0.8,
-                           multiply_by_parameter_scale=True, clipping_threshold=1.0,
-                           weight_decay_rate=train_cfg.weight_decay or None,
-                           weight_decay_mask=decay_mask)
-  return optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+    # T5's recipe: factored second moments, no first moment, block-RMS clipping, and updates
+    # scaled by each parameter's RMS, so `learning_rate` is a relative step (T5 used 1e-2).
+    # optax.adafactor adds its weight decay after the learning rate (a fixed fraction of each
+    # weight every step); here it is decoupled as in AdamW: lr * weight_decay * w.
+    return optax.chain(
+        optax.scale_by_factored_rms(decay_rate=0.8),
+        optax.clip_by_block_rms(1.0),
+        optax.scale_by_param_block_rms(),
+        optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(schedule))
+  return optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2,
                      weight_decay=train_cfg.weight_decay, mask=decay_mask)
 
 
