@@ -268,9 +268,7 @@ def cross_task(pre_dir: str, workdir: str, eval_batches: int) -> dict:
 
 def run_unit(arm: str, seed: int, config, preset: dict, majority: float) -> dict:
   """One (arm, seed): pre-train, unigram baseline, probes, fine-tune, scratch; its results row."""
-  from gptjax.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from gptjax.training import run_records
-  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   root = os.path.join(FLAGS.out, arm, f"seed{seed}")
   pre_dir = os.path.join(root, "pretrain")
   family = ARMS[arm][0]  # the random-body probe and scratch depend on the family only
@@ -312,11 +310,28 @@ def run_unit(arm: str, seed: int, config, preset: dict, majority: float) -> dict
                              lambda r: f"unit done in {r['unit_wall_s']:.0f}s")
   if family in ("t5", "bart"):
     reliance_of(root, preset["eval_steps"])
-  cfg = ModelConfig.from_config(config.model)
-  target = config.data.target_len if cfg.family == "encoder_decoder" else 0
-  fps = flops_lib.train_flops_per_example(cfg, config.data.seq_len, target, config.objective) \
-      * config.data.batch_size
-  return row, _curve(pre_dir, fps)
+  return row
+
+
+def pretrain_curves(rows: list, preset: dict) -> dict:
+  """arm -> [(training FLOPs, train loss)] of its lowest finished seed, read from disk, so a
+  process running some arms still plots every arm finished under --out."""
+  from gptjax.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  curves = {}
+  for row in rows:
+    arm, seed = row["arm"], int(row["seed"])
+    if arm in curves:
+      continue
+    config = pretrain_config(arm, preset, seed)
+    cfg = ModelConfig.from_config(config.model)
+    target = config.data.target_len if cfg.family == "encoder_decoder" else 0
+    fps = flops_lib.train_flops_per_example(cfg, config.data.seq_len, target, config.objective) \
+        * config.data.batch_size
+    metrics = os.path.join(FLAGS.out, arm, f"seed{seed}", "pretrain")
+    if os.path.exists(os.path.join(metrics, "metrics.jsonl")):
+      curves[arm] = _curve(metrics, fps)
+  return curves
 
 
 def reliance_of(root: str, batches: int) -> dict:
@@ -368,21 +383,20 @@ def main(argv):
           "equalise model sizes)", flush=True)
   os.makedirs(FLAGS.out, exist_ok=True)
   majority = majority_baseline()
-  curves = {}
   header = [f"Objective comparison, preset {FLAGS.preset}: `python experiments/compare_objectives.py "
             f"{' '.join(a.replace(str(REPO) + os.sep, '') for a in sys.argv[1:])}`"]
   units = [(a, s) for s in seeds for a in arms]  # every arm once before any arm twice
   for i, (arm, seed) in enumerate(units):
     print(f"[{i + 1}/{len(units)}] {arm} seed {seed}", flush=True)
-    row, curve = run_unit(arm, seed, configs[(arm, seed)], preset, majority)
-    curves.setdefault(arm, curve)
+    run_unit(arm, seed, configs[(arm, seed)], preset, majority)
     rows = finished_rows(arms, seeds)
     report.write_csv(FLAGS.out, rows)  # the row is in results.csv as soon as its unit finishes
     walls = ", ".join(f"{r['arm']}/{r['seed']} {r['unit_wall_s']:.0f}s" for r in rows)
     stamp = (f"updated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(rows)} units "
              f"finished (wall time per unit: {walls}); each unit's commit is in results.csv")
     text = report.write_markdown(FLAGS.out, rows, majority, header + [stamp], PUBLISHED)
-    report.write_plots(FLAGS.out, rows, curves, majority)  # plots of the units finished so far
+    # plots of every unit finished so far
+    report.write_plots(FLAGS.out, rows, pretrain_curves(rows, preset), majority)
   print(text)
 
 

@@ -47,6 +47,20 @@ def test_smoke_preset_two_arms_end_to_end_then_skips_on_rerun(tmp_path, data_cac
   rerun = _run(*args)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert rerun.stdout.count("done before, skipped") == 2  # one finished unit row per arm
+  # the loss curves are read from disk: a process that ran one arm still plots both
+  code = f"""
+import json
+from absl import flags
+from experiments import compare_objectives as co
+flags.FLAGS(["x", "--preset=smoke", "--out={out}"])
+curves = co.pretrain_curves(co.finished_rows([], []), co.PRESETS["smoke"])
+print(json.dumps({{a: len(c) for a, c in curves.items()}}))
+"""
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  points = json.loads(result.stdout.strip().splitlines()[-1])
+  assert sorted(points) == ["mlm_sop", "next_token"] and min(points.values()) >= 2, points
 
 
 def test_unknown_arm_and_tiny_budget_are_one_line(tmp_path):
