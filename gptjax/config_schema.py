@@ -46,6 +46,20 @@ def cache_dir() -> str:
   return os.path.expanduser(path)
 
 
+# Fields added since older checkpoints were saved, with the value those runs used: a config read
+# back from such a checkpoint gets them, and resuming one compares against them.
+ADDED_FIELDS = {"train.optimizer": "adamw"}
+
+
+def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (read from an older checkpoint) with every ADDED_FIELDS entry it lacks."""
+  for field, value in ADDED_FIELDS.items():
+    section, name = field.rsplit(".", 1)
+    if section in config and name not in config[section]:
+      config[section][name] = value
+  return config
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Returns the full default config: every field a gptjax run can have."""
   c = ml_collections.ConfigDict()

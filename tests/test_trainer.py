@@ -121,3 +121,7 @@ def test_checkpoints_with_removed_or_older_config_fields_still_resume():
   requested.train.optimizer = "adafactor"
   unsafe, _ = resume_check.config_changes(json.dumps(saved), requested)
   assert unsafe == {"train.optimizer": ["adamw", "adafactor"]}
+  # read back for inference or analysis, such a config has the value the run used
+  from gptjax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  restored = checkpointing.config_from_meta({"config": json.dumps(saved)})
+  assert restored.train.optimizer == "adamw"

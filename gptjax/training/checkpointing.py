@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gptjax import config_schema
 from gptjax.config_schema import ConfigError
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -194,8 +195,8 @@ class Checkpointer:
 
 
 def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
-  """The config a checkpoint was trained with."""
-  return ml_collections.ConfigDict(json.loads(meta["config"]))
+  """The config a checkpoint was trained with (fields added since then: the value it used)."""
+  return config_schema.with_added_fields(ml_collections.ConfigDict(json.loads(meta["config"])))
 
 
 def restore_for_inference(workdir: str, step: Optional[int] = None):

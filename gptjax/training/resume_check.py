@@ -18,6 +18,7 @@ from flax import traverse_util
 from gptjax.training import checkpointing
 
 from gptjax.training import run_records
+from gptjax import config_schema
 from gptjax.config_schema import ConfigError
 
 # Dotted prefixes that may differ on resume. Everything else must match the checkpoint.
@@ -36,8 +37,6 @@ SAFE_PREFIXES = (
 )
 # Fields older checkpoints saved that no longer exist (they never changed what a run computed).
 REMOVED_FIELDS = ("data.pack", "data.num_workers")
-# Fields added since older checkpoints were saved, with the value those runs used.
-ADDED_FIELDS = {"train.optimizer": "adamw"}
 SCHEDULE_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.schedule",
                    "train.decay_steps", "train.min_lr_ratio")
 
@@ -62,7 +61,7 @@ def config_changes(saved: Any, requested: Any) -> tuple[dict, dict]:
   for field in REMOVED_FIELDS:
     if field not in b:
       a.pop(field, None)
-  for field, value in ADDED_FIELDS.items():
+  for field, value in config_schema.ADDED_FIELDS.items():
     a.setdefault(field, value)
   unsafe, safe = {}, {}
   for field in sorted(set(a) | set(b)):
