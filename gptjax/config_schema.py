@@ -48,7 +48,7 @@ def cache_dir() -> str:
 
 # Fields added since older checkpoints were saved, with the value those runs used: a config read
 # back from such a checkpoint gets them, and resuming one compares against them.
-ADDED_FIELDS = {"train.optimizer": "adamw"}
+ADDED_FIELDS = {"train.optimizer": "adamw", "data.train_docs": 0}
 
 
 def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -136,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.sop = False
   d.seed = 0
   d.max_docs = 0  # 0: all; else only the first max_docs documents of every split (tests, smoke runs)
+  d.train_docs = 0  # 0: all; else only the first train_docs documents of the train split (label budgets)
   t = d.tokenizer = ml_collections.ConfigDict()
   t.kind = "bpe"  # bpe | wordpiece | wordpiece_cased | unigram
   t.vocab_size = 8192
@@ -311,7 +312,7 @@ def validate_numbers(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.train.{name}={tr[name]} must be in [0, 1]")
   for name in ("batch_size", "eval_batch_size", "seq_len"):
     _at_least(f"config.data.{name}", d[name], 1)
-  for name in ("max_docs", "target_len"):
+  for name in ("max_docs", "train_docs", "target_len"):
     _at_least(f"config.data.{name}", d[name], 0)
   if c.quantize not in QUANTIZE_KINDS:
     raise ConfigError(f"config.quantize={c.quantize!r} is not supported; allowed: "

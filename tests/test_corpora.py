@@ -39,6 +39,9 @@ def test_labelled_corpora(data_cache):
   assert len(dev) == 872 and sum(d["label"] for d in dev) == 444
   assert _docs("sst2", "train", **{"data.max_docs": 5})[0]["text"] == \
       "hide new secretions from the parental units"
+  # a label budget: train_docs cuts the train split only, dev stays whole
+  few = {"data.train_docs": 7}
+  assert len(_docs("sst2", "train", **few)) == 7 and len(_docs("sst2", "validation", **few)) == 872
   test = _docs("imdb", "test")
   labels = [d["label"] for d in test]
   assert len(test) == 2000 and sum(labels) == 1000 and labels[:20] != sorted(labels[:20])

@@ -360,9 +360,12 @@ def _text(value) -> str:
 
 
 def documents(config, split: str) -> list[dict]:
-  """The documents of a split in stored order (the first config.data.max_docs when set)."""
+  """The documents of a split in stored order (the first config.data.max_docs when set, and of
+  train the first config.data.train_docs when set)."""
   source = data_source(config, split)
-  n = len(source) if not config.data.max_docs else min(len(source), config.data.max_docs)
+  n = len(source)
+  for limit in (config.data.max_docs, config.data.train_docs if split == "train" else 0):
+    n = min(n, limit) if limit else n
   records = source.__getitems__(list(range(n))) if n else []
   out = []
   for r in records:

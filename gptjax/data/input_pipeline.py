@@ -39,7 +39,8 @@ def _instruction_records(config, split: str) -> list[dict]:
   if not chosen:
     raise ConfigError(f"config.finetune.instruction_data={f.instruction_data!r} has too few records "
                       f"for a {split} split (every 20th is held out); give instruction_eval_data")
-  return chosen[:config.data.max_docs or None]
+  chosen = chosen[:config.data.max_docs or None]
+  return chosen[:config.data.train_docs or None] if split == "train" else chosen
 
 
 # ------------------------------------------------------------------ examples per objective

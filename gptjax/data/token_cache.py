@@ -25,7 +25,9 @@ def _cache_path(config, tokenizer, split: str, what: str, corpus_fp: str) -> str
   that changes which documents are read (max_docs)."""
   key = hashlib.sha256("|".join([_TOKEN_CACHE_FORMAT, tokenizer.fingerprint, config.data.corpus,
                                  config.data.text_files, corpus_fp, str(config.data.max_docs),
-                                 split, what]).encode())
+                                 split, what]
+                                + ([f"train_docs={config.data.train_docs}"]
+                                   if config.data.train_docs and split == "train" else [])).encode())
   return os.path.join(cache_dir(), "tokens", key.hexdigest()[:20] + ".npz")
 
 

@@ -290,7 +290,8 @@ def load_or_train_tokenizer(config, workdir: Optional[str] = None) -> TextTokeni
         if corpora.is_builtin(d.corpus) else f"{d.corpus}@{d.tfds_data_dir}"
     key = hashlib.sha256(json.dumps([corpus_fp, d.max_docs, t.kind, scheme, t.vocab_size,
                                      t.num_sentinels, tokenizers.__version__,
-                                     TRAINER_VERSION.get(t.kind, 1)]).encode()
+                                     TRAINER_VERSION.get(t.kind, 1)]
+                                    + ([d.train_docs] if d.train_docs else [])).encode()
                          ).hexdigest()[:16]
     cached = os.path.join(_cache_dir(), key, "tokenizer.json")
     source = f"the tokenizer trained for config.data.corpus={d.corpus!r}"
