@@ -189,19 +189,6 @@ def _param_count(config) -> int:
   return summary.count_params(summary.param_shapes(ModelConfig.from_config(config.model)))
 
 
-def majority_baseline() -> float:
-  """Accuracy of always predicting sst2 train's most common label on sst2 dev."""
-  from gptjax.data import corpora  # pylint: disable=g-import-not-at-top
-  raw = corpora.raw_data_dir()
-  def labels(name):
-    with open(os.path.join(raw, "sst2", name), encoding="utf-8") as f:
-      next(f)
-      return [int(line.rstrip("\r\n").split("\t")[-1]) for line in f if line.strip()]
-  train_labels, dev_labels = labels("train.tsv"), labels("dev.tsv")
-  majority = int(np.mean(train_labels) >= 0.5)
-  return float(np.mean(np.asarray(dev_labels) == majority))
-
-
 def _curve(workdir: str, flops_per_step: float) -> list:
   points = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -382,7 +369,7 @@ def main(argv):
     print(f"warning: parameter counts differ by more than 10% (the {FLAGS.preset} preset does not "
           "equalise model sizes)", flush=True)
   os.makedirs(FLAGS.out, exist_ok=True)
-  majority = majority_baseline()
+  majority = report.majority_baseline()
   header = [f"Objective comparison, preset {FLAGS.preset}: `python experiments/compare_objectives.py "
             f"{' '.join(a.replace(str(REPO) + os.sep, '') for a in sys.argv[1:])}`"]
   units = [(a, s) for s in seeds for a in arms]  # every arm once before any arm twice

@@ -21,6 +21,19 @@ COLUMNS = ["arm", "seed", "params", "pretrain_steps", "pretrain_tokens", "loss_t
 LEARNED_NATS, ABOVE_MAJORITY = 1.0, 0.15
 
 
+def majority_baseline() -> float:
+  """Accuracy of always predicting sst2 train's most common label on sst2 dev."""
+  from gptjax.data import corpora  # pylint: disable=g-import-not-at-top
+  raw = corpora.raw_data_dir()
+  def labels(name):
+    with open(os.path.join(raw, "sst2", name), encoding="utf-8") as f:
+      next(f)
+      return [int(line.rstrip("\r\n").split("\t")[-1]) for line in f if line.strip()]
+  train_labels, dev_labels = labels("train.tsv"), labels("dev.tsv")
+  majority = int(np.mean(train_labels) >= 0.5)
+  return float(np.mean(np.asarray(dev_labels) == majority))
+
+
 def _mean_std(values):
   values = [float(v) for v in values if v not in (None, "") and not math.isnan(float(v))]
   if not values:

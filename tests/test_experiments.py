@@ -61,6 +61,28 @@ print(json.dumps({{a: len(c) for a, c in curves.items()}}))
   assert result.returncode == 0, result.stderr[-2000:]
   points = json.loads(result.stdout.strip().splitlines()[-1])
   assert sorted(points) == ["mlm_sop", "next_token"] and min(points.values()) >= 2, points
+  # label budgets from these units: one pre-trained and one scratch fine-tune on 16 sentences
+  lb_out = tmp_path / "lb"
+  lb_args = [f"--units={out}", f"--out={lb_out}", "--arms=next_token", "--seeds=0", "--sizes=16",
+             "--steps=4", "--eval_batches=2"]
+  lb = subprocess.run([sys.executable, str(REPO / "experiments" / "label_budget.py"), *lb_args],
+                      cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert lb.returncode == 0, lb.stderr[-3000:]
+  (row,) = list(csv.DictReader(open(lb_out / "results.csv")))
+  assert row["train_sentences"] == "16" and 0 <= float(row["pretrained_acc"]) <= 1
+  assert abs(float(row["gain"]) - float(row["pretrained_acc"]) + float(row["scratch_acc"])) < 1e-9
+  runs = lb_out / "next_token" / "seed0" / "n16"
+  pretrained = json.load(open(runs / "pretrained" / "manifest.json"))["config"]
+  scratch = json.load(open(runs / "scratch" / "manifest.json"))["config"]
+  assert pretrained["init_from"] == str(out / "next_token" / "seed0" / "pretrain")
+  assert scratch["init_from"] == "" and scratch["data"]["train_docs"] == 16
+  assert (lb_out / "accuracy_vs_labels.png").stat().st_size > 0
+  assert "| next_token | 16 | 1 |" in (lb_out / "results.md").read_text()
+  missing = subprocess.run([sys.executable, str(REPO / "experiments" / "label_budget.py"),
+                            *lb_args[:2], "--arms=mlm"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+  assert missing.returncode != 0
+  assert "no pre-trained unit mlm/seed0" in missing.stderr.strip().splitlines()[-1]
 
 
 def test_unknown_arm_and_tiny_budget_are_one_line(tmp_path):
