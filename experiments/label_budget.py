@@ -39,7 +39,7 @@ flags.DEFINE_string("units", "experiments/results/compare_objectives_cpu",
 flags.DEFINE_string("out", "experiments/results/label_budget_cpu", "Output folder.")
 flags.DEFINE_list("arms", ["mlm", "next_token", "span_corruption"], "Arms of --units.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (units of --units, and fine-tuning seeds).")
-flags.DEFINE_list("sizes", ["256", "1024", "4096"], "Numbers of sst2 training sentences.")
+flags.DEFINE_list("sizes", ["256", "1024"], "Numbers of sst2 training sentences.")
 flags.DEFINE_integer("steps", 300, "Fine-tuning steps at every size.")
 flags.DEFINE_integer("batch", 32, "Fine-tuning batch size.")
 flags.DEFINE_float("lr", 5e-4, "Fine-tuning peak learning rate (10% warm-up, cosine decay).")
