@@ -22,7 +22,7 @@ _TOKEN_CACHE_FORMAT = "2"
 
 def _cache_path(config, tokenizer, split: str, what: str, corpus_fp: str) -> str:
   """The token cache file: keyed on the tokenizer, the corpus's content and every data setting
-  that changes which documents are read (max_docs)."""
+  that changes which documents are read (max_docs, and train_docs for the train split)."""
   key = hashlib.sha256("|".join([_TOKEN_CACHE_FORMAT, tokenizer.fingerprint, config.data.corpus,
                                  config.data.text_files, corpus_fp, str(config.data.max_docs),
                                  split, what]
