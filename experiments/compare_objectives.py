@@ -41,6 +41,8 @@ flags.DEFINE_list("seeds", [], "Seeds (default: the preset's).")
 flags.DEFINE_enum("budget_kind", "tokens", ["tokens", "flops"], "What is held equal across arms.")
 flags.DEFINE_float("budget", 0, "Pre-training budget per arm (0: the preset's).")
 flags.DEFINE_string("out", "results/compare_objectives", "Output folder.")
+flags.DEFINE_bool("report_only", False, "Rebuild results.csv, results.md and the plots from the "
+                  "units on disk (e.g. after units ran in several processes), training nothing.")
 
 # arm -> (config file, objective, extra overrides)
 ARMS = {
@@ -352,6 +354,18 @@ def finished_rows(arms: list, seeds: list) -> list[dict]:
   return sorted(rows, key=lambda r: (list(ARMS).index(r["arm"]), int(r["seed"])))
 
 
+def write_reports(preset: dict, majority: float, header: list) -> str:
+  """results.csv, results.md and the plots, from every unit row on disk; returns results.md."""
+  rows = finished_rows([], [])
+  report.write_csv(FLAGS.out, rows)  # the row is in results.csv as soon as its unit finishes
+  walls = ", ".join(f"{r['arm']}/{r['seed']} {r['unit_wall_s']:.0f}s" for r in rows)
+  stamp = (f"updated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(rows)} units "
+           f"finished (wall time per unit: {walls}); each unit's commit is in results.csv")
+  text = report.write_markdown(FLAGS.out, rows, majority, header + [stamp], PUBLISHED)
+  report.write_plots(FLAGS.out, rows, pretrain_curves(rows, preset), majority)
+  return text
+
+
 def main(argv):
   del argv
   from gptjax.backends.xla_cpu import host_memory  # pylint: disable=g-import-not-at-top
@@ -372,18 +386,17 @@ def main(argv):
   majority = report.majority_baseline()
   header = [f"Objective comparison, preset {FLAGS.preset}: `python experiments/compare_objectives.py "
             f"{' '.join(a.replace(str(REPO) + os.sep, '') for a in sys.argv[1:])}`"]
-  units = [(a, s) for s in seeds for a in arms]  # every arm once before any arm twice
+  if FLAGS.report_only:
+    header.append("(rebuilt from the units on disk, which ran as one or more processes with "
+                  "`--arms`/`--seeds`; each unit's commit is in results.csv)")
+  # every arm once before any arm twice
+  units = [] if FLAGS.report_only else [(a, s) for s in seeds for a in arms]
   for i, (arm, seed) in enumerate(units):
     print(f"[{i + 1}/{len(units)}] {arm} seed {seed}", flush=True)
     run_unit(arm, seed, configs[(arm, seed)], preset, majority)
-    rows = finished_rows(arms, seeds)
-    report.write_csv(FLAGS.out, rows)  # the row is in results.csv as soon as its unit finishes
-    walls = ", ".join(f"{r['arm']}/{r['seed']} {r['unit_wall_s']:.0f}s" for r in rows)
-    stamp = (f"updated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(rows)} units "
-             f"finished (wall time per unit: {walls}); each unit's commit is in results.csv")
-    text = report.write_markdown(FLAGS.out, rows, majority, header + [stamp], PUBLISHED)
-    # plots of every unit finished so far
-    report.write_plots(FLAGS.out, rows, pretrain_curves(rows, preset), majority)
+    text = write_reports(preset, majority, header)
+  if FLAGS.report_only:
+    text = write_reports(preset, majority, header)
   print(text)
 
 

@@ -47,6 +47,11 @@ def test_smoke_preset_two_arms_end_to_end_then_skips_on_rerun(tmp_path, data_cac
   rerun = _run(*args)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert rerun.stdout.count("done before, skipped") == 2  # one finished unit row per arm
+  (out / "results.md").unlink()
+  rebuilt = _run("--preset=smoke", f"--out={out}", "--report_only")  # trains nothing
+  assert rebuilt.returncode == 0 and "done before" not in rebuilt.stdout, rebuilt.stderr[-3000:]
+  assert "rebuilt from the units on disk" in (out / "results.md").read_text()
+  assert "| mlm_sop | 0 | SOP (its own task) | 16 |" in (out / "results.md").read_text()
   # the loss curves are read from disk: a process that ran one arm still plots both
   code = f"""
 import json
