@@ -156,12 +156,12 @@ def main(argv):
   seeds, sizes = [int(s) for s in FLAGS.seeds], [int(n) for n in FLAGS.sizes]
   if any(n < 1 for n in sizes):
     raise SystemExit(f"error: --sizes={','.join(FLAGS.sizes)} must be positive numbers of sentences")
+  from gptjax.training import resume_check  # pylint: disable=g-import-not-at-top
   missing = [f"{a}/seed{s}" for a in FLAGS.arms for s in seeds
-             if not os.path.exists(os.path.join(FLAGS.units, a, f"seed{s}", "pretrain",
-                                                "manifest.json"))]
-  if missing:
-    raise SystemExit(f"error: no pre-trained unit {', '.join(missing)} under --units={FLAGS.units}; "
-                     "run experiments/compare_objectives.py for them first")
+             if not resume_check.has_saved_step(os.path.join(FLAGS.units, a, f"seed{s}", "pretrain"))]
+  if missing:  # results in git hold no checkpoints: a fresh clone must re-run its units
+    raise SystemExit(f"error: no pre-trained checkpoint for {', '.join(missing)} under "
+                     f"--units={FLAGS.units}; run experiments/compare_objectives.py for them first")
   os.makedirs(FLAGS.out, exist_ok=True)
   majority = report.majority_baseline()
   header = [f"Label budgets: `python experiments/label_budget.py {' '.join(sys.argv[1:])}`",

@@ -87,7 +87,7 @@ print(json.dumps({{a: len(c) for a, c in curves.items()}}))
                             *lb_args[:2], "--arms=mlm"], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
   assert missing.returncode != 0
-  assert "no pre-trained unit mlm/seed0" in missing.stderr.strip().splitlines()[-1]
+  assert "no pre-trained checkpoint for mlm/seed0" in missing.stderr.strip().splitlines()[-1]
 
 
 def test_unknown_arm_and_tiny_budget_are_one_line(tmp_path):
