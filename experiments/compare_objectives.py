@@ -23,7 +23,6 @@ import time
 
 from absl import app
 from absl import flags
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from experiments import compare_objectives_report as report  # pylint: disable=g-import-not-at-top
 from experiments import encoder_reliance  # pylint: disable=g-import-not-at-top
 from experiments import finished_runs  # pylint: disable=g-import-not-at-top
-from experiments.compare_objectives_probe import run_probe  # pylint: disable=g-import-not-at-top
+from experiments import compare_objectives_probe as unit_probes  # pylint: disable=g-import-not-at-top
 from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -213,48 +212,6 @@ INTRINSIC = {"mlm": ("mlm_accuracy", "eval_mlm_accuracy", "eval_mlm_loss"),
 PAIR_ARMS = ("mlm_nsp", "mlm_sop")
 
 
-def predicted_unigram_loss(config, workdir: str, num_examples: int) -> dict:
-  """Entropy (nats) of the train split's tokens at the positions the objective predicts.
-
-  Counted over `num_examples` training examples drawn as training draws them (masked tokens for
-  MLM, decoder targets for span corruption and denoising, next tokens for the LM arms).
-  """
-  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from gptjax.data import tokenization
-
-  def compute():
-    tokenizer = tokenization.load_or_train_tokenizer(config)
-    examples = input_pipeline.example_source(config, tokenizer, "train")
-    counts = np.zeros(tokenizer.vocab_size + 128, np.int64)
-    for i in range(min(num_examples, len(examples))):
-      ex = examples.example(i, np.random.default_rng((config.data.seed, i)))
-      targets = ex.get("targets", ex.get("dec_targets"))
-      weights = ex.get("weights", ex.get("dec_weights"))
-      np.add.at(counts, np.asarray(targets)[np.asarray(weights) > 0], 1)
-    p = counts[counts > 0] / counts.sum()
-    return {"unigram_loss": float(-(p * np.log(p)).sum()), "counted_tokens": int(counts.sum())}
-
-  return finished_runs.cached(workdir, "unigram baseline", compute,
-                              lambda r: f"{r['unigram_loss']:.3f} nats over {r['counted_tokens']} tokens")
-
-
-def cross_task(pre_dir: str, workdir: str, eval_batches: int) -> dict:
-  """NSP and SOP accuracy of a pair-head checkpoint on held-out pairs (ALBERT Table 5)."""
-  def compute():
-    from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
-    from gptjax.training import train
-    run_config, params, tokenizer = checkpointing.restore_for_inference(pre_dir)
-    out = {"pair_eval_pairs": eval_batches * run_config.data.eval_batch_size}
-    for task, sop in (("nsp", False), ("sop", True)):
-      c = run_config.copy_and_resolve_references()
-      c.data.sop = sop
-      metrics = train.evaluate_params(c, params, tokenizer, "validation", max_batches=eval_batches)
-      out[f"{task}_acc"] = metrics["nsp_accuracy"]
-    return out
-  return finished_runs.cached(workdir, "NSP and SOP pairs", compute,
-                              lambda r: f"nsp {r['nsp_acc']:.3f}, sop {r['sop_acc']:.3f}")
-
-
 def run_unit(arm: str, seed: int, config, preset: dict, majority: float) -> dict:
   """One (arm, seed): pre-train, unigram baseline, probes, fine-tune, scratch; its results row."""
   from gptjax.training import run_records
@@ -265,14 +222,17 @@ def run_unit(arm: str, seed: int, config, preset: dict, majority: float) -> dict
   def compute():
     start = time.time()
     pre = run_once(config, pre_dir, "pretrain")
-    unigram = predicted_unigram_loss(config, os.path.join(root, "unigram"), preset["unigram_examples"])
-    pairs = cross_task(pre_dir, os.path.join(root, f"cross_task_{preset['pair_eval_batches']}"),
-                       preset["pair_eval_batches"]) if arm in PAIR_ARMS else {}
-    probe = run_probe(pre_dir, os.path.join(root, "probe"), "linear probe", seed,
-                      preset["probe_train"], preset["probe_dev"], random_body=False)
-    probe_random = run_probe(pre_dir, os.path.join(FLAGS.out, f"probe_random_{family}", f"seed{seed}"),
-                             f"linear probe, random {family}", seed, preset["probe_train"],
-                             preset["probe_dev"], random_body=True)
+    unigram = unit_probes.predicted_unigram_loss(config, os.path.join(root, "unigram"),
+                                                 preset["unigram_examples"])
+    pairs = unit_probes.cross_task(
+        pre_dir, os.path.join(root, f"cross_task_{preset['pair_eval_batches']}"),
+        preset["pair_eval_batches"]) if arm in PAIR_ARMS else {}
+    probe = unit_probes.run_probe(pre_dir, os.path.join(root, "probe"), "linear probe", seed,
+                                  preset["probe_train"], preset["probe_dev"], random_body=False)
+    probe_random = unit_probes.run_probe(
+        pre_dir, os.path.join(FLAGS.out, f"probe_random_{family}", f"seed{seed}"),
+        f"linear probe, random {family}", seed, preset["probe_train"], preset["probe_dev"],
+        random_body=True)
     full = run_once(finetune_config(arm, preset, seed, pre_dir, "all", preset["ft_steps"]),
                     os.path.join(root, "finetune"), "fine-tune")
     scratch = run_once(finetune_config(arm, preset, seed, "", "all", preset["ft_steps"],

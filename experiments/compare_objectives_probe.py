@@ -1,5 +1,7 @@
-"""The objective comparison's linear probe: logistic regression on sst2 over a frozen body's
-mean-pooled features (experiments/compare_objectives.py), for a pre-trained or a random body."""
+"""What the objective comparison (experiments/compare_objectives.py) measures of a unit besides
+its training runs: the unigram baseline of the positions its objective predicts, NSP and SOP
+accuracy of a pair head (ALBERT's cross-task check), and the linear probe (logistic regression on
+sst2 over a frozen body's mean-pooled features) of a pre-trained or a random body."""
 
 import os
 
@@ -63,3 +65,45 @@ def run_probe(pre_dir: str, workdir: str, label: str, seed: int, n_train: int, n
   return finished_runs.cached(
       workdir, label, compute,
       lambda r: f"dev accuracy {r['eval_class_accuracy']:.3f} ({r['wall_s']:.0f}s)")
+
+
+def predicted_unigram_loss(config, workdir: str, num_examples: int) -> dict:
+  """Entropy (nats) of the train split's tokens at the positions the objective predicts.
+
+  Counted over `num_examples` training examples drawn as training draws them (masked tokens for
+  MLM, decoder targets for span corruption and denoising, next tokens for the LM arms).
+  """
+  from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gptjax.data import tokenization
+
+  def compute():
+    tokenizer = tokenization.load_or_train_tokenizer(config)
+    examples = input_pipeline.example_source(config, tokenizer, "train")
+    counts = np.zeros(tokenizer.vocab_size + 128, np.int64)
+    for i in range(min(num_examples, len(examples))):
+      ex = examples.example(i, np.random.default_rng((config.data.seed, i)))
+      targets = ex.get("targets", ex.get("dec_targets"))
+      weights = ex.get("weights", ex.get("dec_weights"))
+      np.add.at(counts, np.asarray(targets)[np.asarray(weights) > 0], 1)
+    p = counts[counts > 0] / counts.sum()
+    return {"unigram_loss": float(-(p * np.log(p)).sum()), "counted_tokens": int(counts.sum())}
+
+  return finished_runs.cached(workdir, "unigram baseline", compute,
+                              lambda r: f"{r['unigram_loss']:.3f} nats over {r['counted_tokens']} tokens")
+
+
+def cross_task(pre_dir: str, workdir: str, eval_batches: int) -> dict:
+  """NSP and SOP accuracy of a pair-head checkpoint on held-out pairs (ALBERT Table 5)."""
+  def compute():
+    from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
+    from gptjax.training import train
+    run_config, params, tokenizer = checkpointing.restore_for_inference(pre_dir)
+    out = {"pair_eval_pairs": eval_batches * run_config.data.eval_batch_size}
+    for task, sop in (("nsp", False), ("sop", True)):
+      c = run_config.copy_and_resolve_references()
+      c.data.sop = sop
+      metrics = train.evaluate_params(c, params, tokenizer, "validation", max_batches=eval_batches)
+      out[f"{task}_acc"] = metrics["nsp_accuracy"]
+    return out
+  return finished_runs.cached(workdir, "NSP and SOP pairs", compute,
+                              lambda r: f"nsp {r['nsp_acc']:.3f}, sop {r['sop_acc']:.3f}")
