@@ -10,9 +10,10 @@ than the same architecture from scratch (results.md there). This asks whether th
 budget: each finished (arm, seed) unit's pre-trained body and a scratch body with the same
 vocabulary are fine-tuned with one recipe on the first N training sentences (data.train_docs),
 for each N in --sizes, and judged on the whole dev split (872 sentences). Each fine-tune is one
-resumable run (skipped when its result.json is there); results.csv and results.md (pre-trained
-minus scratch per arm and N, mean over seeds with a 95% t-interval) and accuracy_vs_labels.png
-are rebuilt after every pair.
+resumable run (skipped when its result.json is there). Pairs run smallest N first, every seed of
+it before the next N. results.csv and results.md (pre-trained minus scratch per arm and N, mean
+over seeds with a 95% t-interval) and accuracy_vs_labels.png are rebuilt after every pair from
+all the pairs finished under --out, whichever command ran them.
 """
 
 import csv
@@ -105,6 +106,15 @@ def pair(arm: str, seed: int, sentences: int, majority: float) -> dict:
                               lambda r: f"pre-trained - scratch {r['gain']:+.3f}")
 
 
+def finished_pairs() -> list[dict]:
+  """Rows of every finished pair under --out (ARM/seedS/nN/result.json), in arm, N, seed order."""
+  rows = [json.loads(p.read_text())
+          for p in pathlib.Path(FLAGS.out).glob("*/seed*/n*/result.json")]
+  arms = {a: i for i, a in enumerate(FLAGS.arms)}
+  return sorted(rows, key=lambda r: (arms.get(r["arm"], len(arms)), r["arm"],
+                                     r["train_sentences"], r["seed"]))
+
+
 def write_tables(rows: list[dict], header: list[str]) -> str:
   """results.csv, and results.md: pre-trained minus scratch per (arm, N) with 95% t-intervals."""
   with open(os.path.join(FLAGS.out, "results.csv"), "w", newline="") as f:
@@ -167,11 +177,12 @@ def main(argv):
   header = [f"Label budgets: `python experiments/label_budget.py {' '.join(sys.argv[1:])}`",
             f"{FLAGS.steps} fine-tuning steps of batch {FLAGS.batch} at every size, lr {FLAGS.lr}, "
             f"dropout {FLAGS.dropout}; each row's commit is in results.csv"]
-  rows, text = [], ""
-  for seed in seeds:
-    for n in sizes:
+  text = ""
+  for n in sorted(sizes):
+    for seed in seeds:
       for arm in FLAGS.arms:
-        rows.append(pair(arm, seed, n, majority))
+        pair(arm, seed, n, majority)
+        rows = finished_pairs()
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         text = write_tables(rows, header + [f"updated {stamp}; {len(rows)} pairs"])
         write_plot(rows, majority)

@@ -83,6 +83,17 @@ print(json.dumps({{a: len(c) for a, c in curves.items()}}))
   assert scratch["init_from"] == "" and scratch["data"]["train_docs"] == 16
   assert (lb_out / "accuracy_vs_labels.png").stat().st_size > 0
   assert "| next_token | 16 | 1 |" in (lb_out / "results.md").read_text()
+  # a pair finished by another command is in the rebuilt tables; the finished pair is not re-run
+  other = lb_out / "mlm" / "seed1" / "n16"
+  other.mkdir(parents=True)
+  (other / "result.json").write_text(json.dumps(
+      {**json.load(open(runs / "result.json")), "arm": "mlm", "seed": 1}))
+  again = subprocess.run([sys.executable, str(REPO / "experiments" / "label_budget.py"), *lb_args],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert [r["arm"] for r in csv.DictReader(open(lb_out / "results.csv"))] == ["next_token", "mlm"]
+  assert "| mlm | 16 | 1 |" in (lb_out / "results.md").read_text()
+  assert not (lb_out / "mlm" / "seed1" / "n16" / "pretrained").exists()
   missing = subprocess.run([sys.executable, str(REPO / "experiments" / "label_budget.py"),
                             *lb_args[:2], "--arms=mlm"], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
