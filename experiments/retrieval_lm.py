@@ -2,6 +2,10 @@
 
   python experiments/retrieval_lm.py                    # full: gpt:small on wikitext2
   python experiments/retrieval_lm.py --preset=smoke --workdir=/tmp/r --out=/tmp/r/out
+  python experiments/retrieval_lm.py --lm=hf:DIR --out=experiments/results/retrieval_lm_smollm2
+
+With --lm=hf:DIR an imported LM (any `init_from=hf:` decoder, with its own tokenizer.json) is
+evaluated instead of training one: the same blocks, indices and retrievals, another LM.
 
 One command, resumable: (1) trains a GPT on the wikitext2 train split (resumes its checkpoints);
 (2) builds, or reuses when still valid, a BM25 index (`bm25s`) and a dense index
@@ -40,6 +44,8 @@ flags.DEFINE_list("ks", ["1", "2", "4"], "Numbers of retrieved passages.")
 flags.DEFINE_list("retrievers", ["bm25", "dense"], "Index kinds to compare.")
 flags.DEFINE_integer("windows", 0, "Evaluated blocks (0: the preset's).")
 flags.DEFINE_integer("seed", 0, "Seed of the LM and of the random control.")
+flags.DEFINE_string("lm", "", "'' trains the GPT here; hf:DIR evaluates that imported decoder "
+                    "(e.g. a GGUF converted by gptjax.transfer.gguf_convert).")
 flags.DEFINE_bool("build_index_only", False, "Train the LM if needed, build the indices, stop.")
 
 PRESETS = {
@@ -94,6 +100,26 @@ def train_lm(config, workdir: str):
     print(f"training the LM in {workdir} ({config.train.steps} steps)", flush=True)
     train.train_and_evaluate(config, workdir)
   return checkpointing.restore_for_inference(workdir)
+
+
+def imported_lm(source: str):
+  """(ModelConfig, params, tokenizer) of a decoder-only `hf:DIR` with its tokenizer.json."""
+  from gptjax.data import tokenization  # pylint: disable=g-import-not-at-top
+  from gptjax.model.family import DECODER_ONLY  # pylint: disable=g-import-not-at-top
+  from gptjax.transfer import hf_import  # pylint: disable=g-import-not-at-top
+  from gptjax.config_schema import ConfigError  # pylint: disable=g-import-not-at-top
+  directory = source[3:] if source.startswith("hf:") else ""
+  if not directory or not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+    raise SystemExit(f"error: --lm={source} must be hf:DIR with config.json, model.safetensors "
+                     "and tokenizer.json (python -m gptjax.transfer.gguf_convert makes one)")
+  try:
+    model_cfg, params = hf_import.load_hf(directory)
+  except ConfigError as e:
+    raise SystemExit(f"error: --lm={source}: {e}") from None
+  if model_cfg.family != DECODER_ONLY:
+    raise SystemExit(f"error: --lm={source} is a {model_cfg.family} model; RALM needs a decoder-only LM")
+  print(f"imported LM {source}: {model_cfg.num_layers} layers, d={model_cfg.embed_dim}", flush=True)
+  return model_cfg, params, tokenization.load_tokenizer_file(directory)
 
 
 def train_passages(config, p: dict) -> tuple[list[dict], dict]:
@@ -251,7 +277,11 @@ def main(argv):
       raise SystemExit(f"error: --retrievers={kind} is not one of {', '.join(retrieval.KINDS)}")
   config = lm_config(p)
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  run_config, params, tokenizer = train_lm(config, os.path.join(FLAGS.workdir, "lm"))
+  if FLAGS.lm:
+    model_cfg, params, tokenizer = imported_lm(FLAGS.lm)
+  else:
+    run_config, params, tokenizer = train_lm(config, os.path.join(FLAGS.workdir, "lm"))
+    model_cfg = ModelConfig.from_config(run_config.model)
   passages, corpus = train_passages(config, p)
   embedder = retrieval.DenseEmbedder(minilm_source(), max_len=64) \
       if "dense" in FLAGS.retrievers else None
@@ -263,9 +293,9 @@ def main(argv):
     return
   if "dense" in indices:
     indices["dense"].attach_embedder(embedder)
-  model = models.make_model(ModelConfig.from_config(run_config.model))
+  model = models.make_model(model_cfg)
   starts, tokens, queries, evaluated = eval_windows(config, tokenizer, p, p["windows"])
-  key = {"lm_step": int(config.train.steps), "corpus": corpus["fingerprint"],
+  key = {"lm": FLAGS.lm or "trained here", "lm_step": 0 if FLAGS.lm else int(config.train.steps), "corpus": corpus["fingerprint"],
          "windows": p["windows"], "stride": p["stride"], "query_tokens": p["query_tokens"],
          "doc_budget": p["doc_budget"], "seed": FLAGS.seed}
   os.makedirs(os.path.join(FLAGS.out, "settings"), exist_ok=True)
@@ -305,7 +335,7 @@ def main(argv):
   wall = time.time() - t0
   record = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
             time.gmtime()), "commit": git_commit(), "wall_seconds": round(wall, 1),
-            "preset": FLAGS.preset, "settings": p, "passages": len(passages),
+            "preset": FLAGS.preset, "lm": FLAGS.lm or "trained here", "settings": p, "passages": len(passages),
             "excluded_overlapping_passages": int(sum(i.excluded for i in indices.values())),
             "results": table}
   with open(os.path.join(FLAGS.out, "results.json"), "w") as f:

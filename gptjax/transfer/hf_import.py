@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (GPT-2, BERT, T5, BART layouts) as gptjax configs and param trees.
+"""Hugging Face checkpoints (GPT-2, BERT, T5, BART, Llama layouts) as gptjax configs and param trees.
 
 `init_from="hf:DIR"` names a folder with `config.json` and `model.safetensors`.
 Nothing is downloaded and nothing is unpickled: a `pytorch_model.bin` is refused.
@@ -214,8 +214,29 @@ def _bart(t: _Tensors, cfg: ModelConfig) -> dict:
   return p
 
 
+def _llama(t: _Tensors, cfg: ModelConfig) -> dict:
+  h, kh, dh = cfg.num_heads, cfg.kv_heads, cfg.dims_per_head
+  dec = {"final_norm": {"scale": t.get("norm.weight")}}
+  for i in range(cfg.num_layers):
+    b = f"layers.{i}"
+    attn = {ours: {"kernel": _lin(t.get(f"{b}.self_attn.{theirs}.weight")).reshape(-1, heads, dh)}
+            for ours, theirs, heads in (("query", "q_proj", h), ("key", "k_proj", kh),
+                                        ("value", "v_proj", kh))}
+    attn["out"] = {"kernel": _lin(t.get(f"{b}.self_attn.o_proj.weight")).reshape(h, dh, -1)}
+    dec[f"layers_{i}"] = {
+        "self_attn_norm": {"scale": t.get(f"{b}.input_layernorm.weight")}, "self_attn": attn,
+        "mlp_norm": {"scale": t.get(f"{b}.post_attention_layernorm.weight")},
+        "mlp": {"wi_0": _dense(t, f"{b}.mlp.gate_proj", False),
+                "wi_1": _dense(t, f"{b}.mlp.up_proj", False),
+                "wo": _dense(t, f"{b}.mlp.down_proj", False)}}
+  params = {"token_embed": {"embedding": t.get("embed_tokens.weight")}, "decoder": dec}
+  if not cfg.tie_embeddings:
+    params["lm_head"] = _dense(t, "lm_head", False)
+  return params
+
+
 _LAYOUTS: dict[str, Callable[[_Tensors, ModelConfig], dict]] = {
-    "gpt2": _gpt2, "bert": _bert, "t5": _t5, "bart": _bart}
+    "gpt2": _gpt2, "bert": _bert, "t5": _t5, "bart": _bart, "llama": _llama}
 
 
 def load_hf(hf_dir: str, base: Optional[ModelConfig] = None) -> tuple[ModelConfig, dict]:
