@@ -109,8 +109,10 @@ def model_overrides(hf_dir: str) -> dict:
                 tie_embeddings=c.get("tie_word_embeddings", True),
                 embed_scale=math.sqrt(d) if c.get("scale_embedding") else 1.0, init_std=0.02)
   if kind == "llama":  # also SmolLM, TinyLlama: pre-RMSNorm, SwiGLU, rotate-half RoPE, GQA
-    if c.get("rope_scaling") or c.get("attention_bias") or c.get("mlp_bias"):
-      raise ConfigError(f"{where}: rope_scaling, attention_bias and mlp_bias are unsupported")
+    rope = c.get("rope_parameters") or {}  # transformers 5 keeps rope_theta in here
+    if c.get("rope_scaling") or rope.get("rope_type", "default") != "default" or \
+        c.get("attention_bias") or c.get("mlp_bias"):
+      raise ConfigError(f"{where}: scaled rope, attention_bias and mlp_bias are unsupported")
     if c.get("hidden_act", "silu") != "silu":
       raise ConfigError(f"{where}: hidden_act={c['hidden_act']!r} unsupported; only 'silu'")
     d, h = c["hidden_size"], c["num_attention_heads"]
@@ -118,7 +120,7 @@ def model_overrides(hf_dir: str) -> dict:
                 num_kv_heads=c.get("num_key_value_heads") or h, head_dim=c.get("head_dim") or d // h,
                 mlp_dim=c["intermediate_size"], num_layers=c["num_hidden_layers"],
                 max_len=c.get("max_position_embeddings", 2048), position="rope",
-                rope_base=float(c.get("rope_theta", 10000.0)), norm="rmsnorm",
+                rope_base=float(c.get("rope_theta") or rope.get("rope_theta", 10000.0)), norm="rmsnorm",
                 norm_position="pre", final_norm=True, embed_norm=False,
                 norm_eps=c.get("rms_norm_eps", 1e-6), activation="swiglu", use_bias=False,
                 scale_attention=True, tie_embeddings=c.get("tie_word_embeddings", False),
