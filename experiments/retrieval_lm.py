@@ -43,6 +43,10 @@ flags.DEFINE_string("out", "experiments/results/retrieval_lm", "Tables, plot, pe
 flags.DEFINE_list("ks", ["1", "2", "4"], "Numbers of retrieved passages.")
 flags.DEFINE_list("retrievers", ["bm25", "dense"], "Index kinds to compare.")
 flags.DEFINE_integer("windows", 0, "Evaluated blocks (0: the preset's).")
+flags.DEFINE_integer("seq_len", 0, "LM context in tokens (0: the preset's); an imported LM may "
+                     "read more than the GPT trained here.")
+flags.DEFINE_integer("doc_budget", 0, "Most context tokens that retrieved text may take (0: the "
+                     "preset's).")
 flags.DEFINE_integer("seed", 0, "Seed of the LM and of the random control.")
 flags.DEFINE_string("lm", "", "'' trains the GPT here; hf:DIR evaluates that imported decoder "
                     "(e.g. a GGUF converted by gptjax.transfer.gguf_convert).")
@@ -271,6 +275,14 @@ def main(argv):
   from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   p = dict(PRESETS[FLAGS.preset])
   p["windows"] = FLAGS.windows or p["windows"]
+  if FLAGS.seq_len and not FLAGS.lm:
+    raise SystemExit("error: --seq_len is for an imported --lm=hf:DIR; the GPT trained here "
+                     "reads its preset's context")
+  p["seq_len"] = FLAGS.seq_len or p["seq_len"]
+  p["doc_budget"] = FLAGS.doc_budget or p["doc_budget"]
+  if p["doc_budget"] + p["stride"] >= p["seq_len"]:
+    raise SystemExit(f"error: --doc_budget={p['doc_budget']} leaves no context before the "
+                     f"{p['stride']}-token block in {p['seq_len']} tokens; lower it")
   ks = sorted(int(k) for k in FLAGS.ks)
   for kind in FLAGS.retrievers:
     if kind not in retrieval.KINDS:
@@ -296,7 +308,7 @@ def main(argv):
   model = models.make_model(model_cfg)
   starts, tokens, queries, evaluated = eval_windows(config, tokenizer, p, p["windows"])
   key = {"lm": FLAGS.lm or "trained here", "lm_step": 0 if FLAGS.lm else int(config.train.steps), "corpus": corpus["fingerprint"],
-         "windows": p["windows"], "stride": p["stride"], "query_tokens": p["query_tokens"],
+         "windows": p["windows"], "seq_len": p["seq_len"], "stride": p["stride"], "query_tokens": p["query_tokens"],
          "doc_budget": p["doc_budget"], "seed": FLAGS.seed}
   os.makedirs(os.path.join(FLAGS.out, "settings"), exist_ok=True)
   any_index = next(iter(indices.values()))

@@ -175,6 +175,11 @@ def test_smoke_experiment_then_generation_with_sources(tmp_path, data_cache):
   lines = gen.stdout.strip().splitlines()
   assert lines[0].startswith("[retrieved 1] wikitext2 train doc") and lines[1].startswith("[retrieved 2]")
   assert lines[2].startswith("The album was released in")
+  for flag, message in (("--lm=hf:/nonexistent", "--lm=hf:/nonexistent must be hf:DIR with"),
+                        ("--seq_len=96", "--seq_len is for an imported --lm=hf:DIR")):
+    bad = run("experiments/retrieval_lm.py", "--preset=smoke", flag, f"--workdir={work}",
+              f"--out={out}")
+    assert bad.returncode != 0 and message in bad.stderr.strip().splitlines()[-1], bad.stderr[-500:]
 
 
 def test_passage_sources_name_the_title_line_only():
