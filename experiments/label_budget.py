@@ -45,6 +45,8 @@ flags.DEFINE_integer("steps", 300, "Fine-tuning steps at every size.")
 flags.DEFINE_integer("batch", 32, "Fine-tuning batch size.")
 flags.DEFINE_float("lr", 5e-4, "Fine-tuning peak learning rate (10% warm-up, cosine decay).")
 flags.DEFINE_float("dropout", 0.1, "Dropout while fine-tuning.")
+flags.DEFINE_enum("pooling", "", ["", "first", "mean", "last"],
+                  "Classifier pooling ('': the pre-trained unit's own).")
 flags.DEFINE_integer("eval_batches", 0, "Dev batches judged (0: the whole dev split).")
 
 FIELDS = ["arm", "seed", "train_sentences", "pretrained_acc", "scratch_acc", "gain",
@@ -77,6 +79,8 @@ def finetune_config(pre_dir: str, seed: int, sentences: int, pretrained: bool):
                "train.log_every": max(1, FLAGS.steps // 10), "train.eval_every": FLAGS.steps,
                "train.eval_steps": FLAGS.eval_batches, "train.ckpt_every": max(1, FLAGS.steps // 2),
                "train.keep": 1, "train.progress": False}
+  if FLAGS.pooling:
+    overrides["model.pooling"] = FLAGS.pooling
   if saved.model.family == "encoder_decoder":
     overrides["data.target_len"] = 1
   return load_config(saved.name, saved.get("variant") or "small", **overrides)
@@ -176,7 +180,8 @@ def main(argv):
   majority = report.majority_baseline()
   header = [f"Label budgets: `python experiments/label_budget.py {' '.join(sys.argv[1:])}`",
             f"{FLAGS.steps} fine-tuning steps of batch {FLAGS.batch} at every size, lr {FLAGS.lr}, "
-            f"dropout {FLAGS.dropout}; each row's commit is in results.csv"]
+            f"dropout {FLAGS.dropout}, pooling {FLAGS.pooling or 'of each unit'}; each row's "
+            "commit is in results.csv"]
   text = ""
   for n in sorted(sizes):
     for seed in seeds:
