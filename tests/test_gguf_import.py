@@ -161,3 +161,26 @@ def test_unsupported_gguf_is_one_line(tmp_path, byte_bpe):
     gguf_convert.convert(str(tmp_path / "b.gguf"), str(tmp_path / "out_b"))
   with pytest.raises(ConfigError, match="no such file"):
     gguf_convert.convert(str(tmp_path / "missing.gguf"), str(tmp_path / "out_c"))
+
+
+def test_generate_from_an_imported_folder_matches_transformers_greedy(tmp_path, byte_bpe):
+  """--mode=generate with init_from=hf:DIR and no checkpoint: the folder's model and tokenizer,
+  greedy tokens equal to LlamaForCausalLM.generate (KV cache and GQA included)."""
+  from experiments.config_files import load_config  # pylint: disable=g-import-not-at-top
+  from gptjax.inference import generate  # pylint: disable=g-import-not-at-top
+  ref = _llama(byte_bpe.get_vocab_size(), True)
+  _write_gguf(str(tmp_path / "m.gguf"), ref, byte_bpe)
+  out = tmp_path / "hf"
+  gguf_convert.convert(str(tmp_path / "m.gguf"), str(out))
+  config = load_config("gpt", "tiny", init_from=f"hf:{out}", **{"generate.max_new_tokens": 10,
+                                                                 "generate.temperature": 0.0})
+  config, params, tokenizer = generate.imported_for_inference(config)
+  assert config.model.num_kv_heads == 2 and config.model.position == "rope"
+  prompt = "The album was released in"
+  settings = generate.decode.settings_from_config(config, tokenizer)
+  text = generate.complete(config, params, tokenizer, [prompt], settings)[0]
+  ids = byte_bpe.encode(prompt).ids
+  with torch.no_grad():
+    theirs = ref.generate(torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                          max_new_tokens=10, do_sample=False, pad_token_id=0)
+  assert text == byte_bpe.decode(theirs[0, len(ids):].tolist())

@@ -2,6 +2,11 @@
 
   python run.py --config=configs/gpt.py:small --workdir=workdirs/gpt --mode=generate \
       --prompt="ROMEO:" --config.generate.temperature=0.8 --config.generate.top_p=0.9
+  python run.py --config=configs/gpt.py:small --workdir=/tmp/none --mode=generate \
+      --config.init_from=hf:workdirs/smollm2_135m_instruct_q4_1 --prompt="The capital of France is"
+
+With `config.init_from=hf:DIR` and no checkpoint in the workdir, the imported model and its
+tokenizer.json are used as they are.
 
 The model architecture and tokenizer come from the checkpoint; the decoding settings come from
 `config.generate` of the command line (max_new_tokens, temperature, top_k, top_p, num_beams,
@@ -65,7 +70,10 @@ def print_training_sample(config, workdir: str, prompt: str = "ROMEO:",
                           max_new_tokens: int = 64) -> None:
   """What `make train` prints at the end: a short sample from the model it just trained."""
   from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
+  if config.init_from.startswith("hf:") and not checkpointing.has_checkpoint(workdir):
+    ckpt_config, params, tokenizer = imported_for_inference(config)
+  else:
+    ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
   ckpt_config.unlock()
   ckpt_config.generate = config.generate
   print(f"sample ({prompt!r}, {max_new_tokens} new tokens):")
@@ -92,6 +100,21 @@ def read_prompts(flag_values) -> list[str]:
   return prompts
 
 
+def imported_for_inference(config):
+  """(config, params, tokenizer) of `config.init_from=hf:DIR`: its architecture, weights and
+  tokenizer.json, with the rest of `config` (decoding settings) unchanged."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from gptjax.data import tokenization  # pylint: disable=g-import-not-at-top
+  from gptjax.transfer import hf_import  # pylint: disable=g-import-not-at-top
+  directory = config.init_from[3:]
+  if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+    raise ConfigError(f"config.init_from={config.init_from}: no tokenizer.json to generate with")
+  cfg, params = hf_import.load_hf(directory)
+  config = config.copy_and_resolve_references()
+  config.model.update(dataclasses.asdict(cfg))
+  return config, params, tokenization.load_tokenizer_file(directory)
+
+
 def main(config, workdir: str, flag_values) -> None:
   """`run.py --mode=generate`: restores WORKDIR's latest checkpoint, prints each completion."""
   from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
@@ -102,7 +125,10 @@ def main(config, workdir: str, flag_values) -> None:
   if config.generate.retrieval_index:  # a stale or foreign index fails before the restore
     from gptjax.inference import retrieval  # pylint: disable=g-import-not-at-top
     index = retrieval.open_for_generation(config.generate.retrieval_index)
-  ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
+  if config.init_from.startswith("hf:") and not checkpointing.has_checkpoint(workdir):
+    ckpt_config, params, tokenizer = imported_for_inference(config)
+  else:
+    ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
   ckpt_config.unlock()
   ckpt_config.generate = config.generate
   settings = decode.settings_from_config(ckpt_config, tokenizer)

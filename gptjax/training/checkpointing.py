@@ -199,13 +199,18 @@ def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
   return config_schema.with_added_fields(ml_collections.ConfigDict(json.loads(meta["config"])))
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` has a checkpoint folder with anything in it."""
+  return os.path.isdir(checkpoint_dir(workdir)) and bool(os.listdir(checkpoint_dir(workdir)))
+
+
 def restore_for_inference(workdir: str, step: Optional[int] = None):
   """(config, params, tokenizer) from the latest checkpoint of `workdir` (or the one at `step`),
   params unsharded float32."""
   from gptjax.transfer import trainable as finetune_state  # pylint: disable=g-import-not-at-top
   from gptjax.data import tokenization
   from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(checkpoint_dir(workdir)) or not os.listdir(checkpoint_dir(workdir)):
+  if not has_checkpoint(workdir):
     raise FileNotFoundError(f"no checkpoint in {workdir}; train first with --mode=train "
                             f"--workdir={workdir}")
   ckpt = Checkpointer(workdir, read_only=True, async_save=False)
