@@ -47,6 +47,9 @@ flags.DEFINE_integer("seq_len", 0, "LM context in tokens (0: the preset's); an i
                      "read more than the GPT trained here.")
 flags.DEFINE_integer("doc_budget", 0, "Most context tokens that retrieved text may take (0: the "
                      "preset's).")
+flags.DEFINE_enum("retrieval_corpus", "wikitext2", ["wikitext2", "enwiki2015"],
+                  "Whose train split is retrieved from (enwiki2015: 16M words of Wikipedia, held "
+                  "out by article; BM25 suits it, a dense index of it takes hours here).")
 flags.DEFINE_integer("seed", 0, "Seed of the LM and of the random control.")
 flags.DEFINE_string("lm", "", "'' trains the GPT here; hf:DIR evaluates that imported decoder "
                     "(e.g. a GGUF converted by gptjax.transfer.gguf_convert).")
@@ -126,17 +129,19 @@ def imported_lm(source: str):
   return model_cfg, params, tokenization.load_tokenizer_file(directory)
 
 
-def train_passages(config, p: dict) -> tuple[list[dict], dict]:
-  """Passages of the train split and the corpus description stored with the index."""
+def train_passages(config, p: dict, name: str) -> tuple[list[dict], dict]:
+  """Passages of corpus `name`'s train split and the corpus description stored with the index."""
   from gptjax.data import corpora  # pylint: disable=g-import-not-at-top
   from gptjax.inference import retrieval
+  config = config.copy_and_resolve_references()
+  config.data.corpus = name
   docs = [d["text"] for d in corpora.documents(config, "train")]
-  passages = retrieval.passages_from_documents(docs, p["passage_words"], "wikitext2 train")
+  passages = retrieval.passages_from_documents(docs, p["passage_words"], f"{name} train")
   passages = passages[:p["max_passages"]]
-  corpus = {"corpus": "wikitext2", "split": "train", "passage_words": p["passage_words"],
+  corpus = {"corpus": name, "split": "train", "passage_words": p["passage_words"],
             "max_passages": p["max_passages"], "max_docs": p["max_docs"],
             "fingerprint": retrieval.text_fingerprint([x["text"] for x in passages]),
-            "raw_fingerprint": corpora.raw_fingerprint("wikitext2",
+            "raw_fingerprint": corpora.raw_fingerprint(name,
                                                        corpora.raw_data_dir(config.data.raw_dir))}
   return passages, corpus
 
@@ -154,7 +159,8 @@ def get_index(kind: str, directory: str, passages, corpus, embedder):
     except ConfigError as e:
       print(f"{kind} index: rebuilding, {e}", flush=True)
   rebuild = (f"python experiments/retrieval_lm.py --preset={FLAGS.preset} "
-             f"--workdir={FLAGS.workdir} --build_index_only")
+             f"--workdir={FLAGS.workdir} --retrieval_corpus={FLAGS.retrieval_corpus} "
+             "--build_index_only")
   t = time.time()
   index = retrieval.build_index(directory, passages, kind, corpus=corpus, rebuild_command=rebuild,
                                 embedder=embedder, progress=FLAGS.preset == "full")
@@ -294,10 +300,11 @@ def main(argv):
   else:
     run_config, params, tokenizer = train_lm(config, os.path.join(FLAGS.workdir, "lm"))
     model_cfg = ModelConfig.from_config(run_config.model)
-  passages, corpus = train_passages(config, p)
+  passages, corpus = train_passages(config, p, FLAGS.retrieval_corpus)
+  suffix = "" if FLAGS.retrieval_corpus == "wikitext2" else f"_{FLAGS.retrieval_corpus}"
   embedder = retrieval.DenseEmbedder(minilm_source(), max_len=64) \
       if "dense" in FLAGS.retrievers else None
-  indices = {k: get_index(k, os.path.join(FLAGS.workdir, f"index_{k}"), passages, corpus, embedder)
+  indices = {k: get_index(k, os.path.join(FLAGS.workdir, f"index_{k}{suffix}"), passages, corpus, embedder)
              for k in FLAGS.retrievers}
   for index in indices.values():
     assert index.meta["corpus"]["split"] == "train"  # never the evaluated split
