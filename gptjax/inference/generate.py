@@ -70,10 +70,7 @@ def print_training_sample(config, workdir: str, prompt: str = "ROMEO:",
                           max_new_tokens: int = 64) -> None:
   """What `make train` prints at the end: a short sample from the model it just trained."""
   from gptjax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  if config.init_from.startswith("hf:") and not checkpointing.has_checkpoint(workdir):
-    ckpt_config, params, tokenizer = imported_for_inference(config)
-  else:
-    ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
+  ckpt_config, params, tokenizer = checkpointing.restore_for_inference(workdir)
   ckpt_config.unlock()
   ckpt_config.generate = config.generate
   print(f"sample ({prompt!r}, {max_new_tokens} new tokens):")
