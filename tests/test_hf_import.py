@@ -154,10 +154,14 @@ def _one_line(excinfo) -> str:
 
 def test_unsupported_layout_is_one_line(tmp_path, gpt2_dir):
   shutil.copy(os.path.join(gpt2_dir, "model.safetensors"), tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", "hidden_size": 16}))
+  with pytest.raises(ConfigError) as e:
+    hf_import.load_hf(str(tmp_path))
+  assert "unsupported layout" in _one_line(e) and "falcon" in str(e.value)
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))
   with pytest.raises(ConfigError) as e:
     hf_import.load_hf(str(tmp_path))
-  assert "unsupported layout" in _one_line(e) and "llama" in str(e.value)
+  assert "config.json has no 'num_attention_heads'" in _one_line(e)
 
 
 def test_pickled_checkpoint_is_refused(tmp_path, gpt2_dir):

@@ -109,6 +109,10 @@ def model_overrides(hf_dir: str) -> dict:
                 tie_embeddings=c.get("tie_word_embeddings", True),
                 embed_scale=math.sqrt(d) if c.get("scale_embedding") else 1.0, init_std=0.02)
   if kind == "llama":  # also SmolLM, TinyLlama: pre-RMSNorm, SwiGLU, rotate-half RoPE, GQA
+    missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size",
+                           "num_hidden_layers", "vocab_size") if k not in c]
+    if missing:
+      raise ConfigError(f"{where}: config.json has no {missing[0]!r}")
     rope = c.get("rope_parameters") or {}  # transformers 5 keeps rope_theta in here
     if c.get("rope_scaling") or rope.get("rope_type", "default") != "default" or \
         c.get("attention_bias") or c.get("mlp_bias"):
