@@ -50,6 +50,11 @@ flags.DEFINE_integer("doc_budget", 0, "Most context tokens that retrieved text m
 flags.DEFINE_enum("retrieval_corpus", "wikitext2", ["wikitext2", "enwiki2015"],
                   "Whose train split is retrieved from (enwiki2015: 16M words of Wikipedia, held "
                   "out by article; BM25 suits it, a dense index of it takes hours here).")
+flags.DEFINE_integer("passage_words", 0, "Words per retrieved passage (0: the preset's 16; the "
+                     "paper retrieves 100-word DPR passages).")
+flags.DEFINE_bool("passage_titles", False, "Start each passage with its article's title, as DPR "
+                  "passages do.")
+flags.DEFINE_integer("query_tokens", 0, "Query length in LM tokens (0: the preset's; the paper: 32).")
 flags.DEFINE_integer("seed", 0, "Seed of the LM and of the random control.")
 flags.DEFINE_string("lm", "", "'' trains the GPT here; hf:DIR evaluates that imported decoder "
                     "(e.g. a GGUF converted by gptjax.transfer.gguf_convert).")
@@ -136,9 +141,11 @@ def train_passages(config, p: dict, name: str) -> tuple[list[dict], dict]:
   config = config.copy_and_resolve_references()
   config.data.corpus = name
   docs = [d["text"] for d in corpora.documents(config, "train")]
-  passages = retrieval.passages_from_documents(docs, p["passage_words"], f"{name} train")
+  passages = retrieval.passages_from_documents(docs, p["passage_words"], f"{name} train",
+                                               titled=p["passage_titles"])
   passages = passages[:p["max_passages"]]
   corpus = {"corpus": name, "split": "train", "passage_words": p["passage_words"],
+            "passage_titles": p["passage_titles"],
             "max_passages": p["max_passages"], "max_docs": p["max_docs"],
             "fingerprint": retrieval.text_fingerprint([x["text"] for x in passages]),
             "raw_fingerprint": corpora.raw_fingerprint(name,
@@ -160,6 +167,7 @@ def get_index(kind: str, directory: str, passages, corpus, embedder):
       print(f"{kind} index: rebuilding, {e}", flush=True)
   rebuild = (f"python experiments/retrieval_lm.py --preset={FLAGS.preset} "
              f"--workdir={FLAGS.workdir} --retrieval_corpus={FLAGS.retrieval_corpus} "
+             f"--passage_words={FLAGS.passage_words} --passage_titles={FLAGS.passage_titles} "
              "--build_index_only")
   t = time.time()
   index = retrieval.build_index(directory, passages, kind, corpus=corpus, rebuild_command=rebuild,
@@ -286,6 +294,15 @@ def main(argv):
                      "reads its preset's context")
   p["seq_len"] = FLAGS.seq_len or p["seq_len"]
   p["doc_budget"] = FLAGS.doc_budget or p["doc_budget"]
+  p["passage_words"] = FLAGS.passage_words or p["passage_words"]
+  p["passage_titles"] = FLAGS.passage_titles
+  p["query_tokens"] = FLAGS.query_tokens or p["query_tokens"]
+  if p["passage_words"] < 4 or p["query_tokens"] < 1:
+    raise SystemExit(f"error: --passage_words={p['passage_words']} must be at least 4 and "
+                     f"--query_tokens={p['query_tokens']} at least 1")
+  if p["query_tokens"] > p["seq_len"] - p["stride"]:
+    raise SystemExit(f"error: --query_tokens={p['query_tokens']} reaches before the "
+                     f"{p['seq_len']}-token window; use at most {p['seq_len'] - p['stride']}")
   if p["doc_budget"] + p["stride"] >= p["seq_len"]:
     raise SystemExit(f"error: --doc_budget={p['doc_budget']} leaves no context before the "
                      f"{p['stride']}-token block in {p['seq_len']} tokens; lower it")
@@ -301,8 +318,11 @@ def main(argv):
     run_config, params, tokenizer = train_lm(config, os.path.join(FLAGS.workdir, "lm"))
     model_cfg = ModelConfig.from_config(run_config.model)
   passages, corpus = train_passages(config, p, FLAGS.retrieval_corpus)
-  suffix = "" if FLAGS.retrieval_corpus == "wikitext2" else f"_{FLAGS.retrieval_corpus}"
-  embedder = retrieval.DenseEmbedder(minilm_source(), max_len=64) \
+  suffix = ("" if FLAGS.retrieval_corpus == "wikitext2" else f"_{FLAGS.retrieval_corpus}") + \
+      ("" if p["passage_words"] == PRESETS[FLAGS.preset]["passage_words"] else f"_w{p['passage_words']}") + \
+      ("_titled" if p["passage_titles"] else "")
+  # 64 MiniLM tokens hold a 16-word passage; longer passages get MiniLM's trained length, 256
+  embedder = retrieval.DenseEmbedder(minilm_source(), max_len=64 if p["passage_words"] <= 32 else 256) \
       if "dense" in FLAGS.retrievers else None
   indices = {k: get_index(k, os.path.join(FLAGS.workdir, f"index_{k}{suffix}"), passages, corpus, embedder)
              for k in FLAGS.retrievers}

@@ -176,7 +176,9 @@ def test_smoke_experiment_then_generation_with_sources(tmp_path, data_cache):
   assert lines[0].startswith("[retrieved 1] wikitext2 train doc") and lines[1].startswith("[retrieved 2]")
   assert lines[2].startswith("The album was released in")
   for flag, message in (("--lm=hf:/nonexistent", "--lm=hf:/nonexistent must be hf:DIR with"),
-                        ("--seq_len=96", "--seq_len is for an imported --lm=hf:DIR")):
+                        ("--seq_len=96", "--seq_len is for an imported --lm=hf:DIR"),
+                        ("--passage_words=2", "--passage_words=2 must be at least 4"),
+                        ("--query_tokens=60", "--query_tokens=60 reaches before the 64-token")):
     bad = run("experiments/retrieval_lm.py", "--preset=smoke", flag, f"--workdir={work}",
               f"--out={out}")
     assert bad.returncode != 0 and message in bad.stderr.strip().splitlines()[-1], bad.stderr[-500:]
@@ -187,3 +189,19 @@ def test_passage_sources_name_the_title_line_only():
   passages = retrieval.passages_from_documents([one_line, " = Tower =\n a b c d e f"], 16, "wt2")
   assert max(len(p["source"]) for p in passages) < 160
   assert passages[-1]["source"] == "wt2 doc 1 (Tower) words 0-9"
+
+
+def test_titled_passages_start_with_their_article_title_as_dpr_passages_do():
+  docs = _docs("train", 60_000)
+  plain = retrieval.passages_from_documents(docs, 100, "wt2")
+  titled = retrieval.passages_from_documents(docs, 100, "wt2", titled=True)
+  title = retrieval.document_title(docs[0])
+  assert docs[0].lstrip().startswith(f"= {title} =") and 0 < len(title) < 80
+  assert titled[0]["text"].startswith(title + "\n") and not titled[0]["text"][len(title) + 1:].startswith("=")
+  assert plain[0]["text"].startswith(f"= {title} =")
+  for p in titled:
+    head, body = p["text"].split("\n")
+    assert p["source"].startswith(f"wt2 doc ") and f"({head}) words" in p["source"]
+    assert len(body.split()) <= 100
+  assert sum(len(p["text"].split("\n")[1].split()) for p in titled) < sum(
+      len(p["text"].split()) for p in plain)  # the heading words left the bodies

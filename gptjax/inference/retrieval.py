@@ -25,16 +25,29 @@ BM25_SETTINGS = {"lower": True, "stopwords": "en", "token_pattern": r"(?u)\b\w\w
 EXCLUDE_NGRAM = 8  # a passage sharing an 8-word run with the evaluated text is never returned
 
 
-def passages_from_documents(docs: Sequence[str], words: int, source: str) -> list[dict]:
-  """Consecutive `words`-word passages of each document, each with a readable source."""
+def document_title(text: str) -> str:
+  """A document's title: wikitext2's ` = Title = ` heading, else its first line (enwiki2015)."""
+  first = text.split("\n", 1)[0]
+  return first.strip(" =")[:80] if len(first) <= 200 else ""
+
+
+def passages_from_documents(docs: Sequence[str], words: int, source: str,
+                            titled: bool = False) -> list[dict]:
+  """Consecutive `words`-word passages of each document, each with a readable source.
+
+  With `titled`, each passage's text starts with its document's title on a line of its own, as
+  the DPR Wikipedia passages that In-Context RALM retrieves do (the title line is not counted in
+  `words`, and the body no longer repeats it).
+  """
   out = []
   for d, text in enumerate(docs):
-    tokens = text.split()
-    title = text.split("\n", 1)[0].strip(" =")[:80] if text.startswith((" =", "=")) else ""
+    title = document_title(text) if titled or text.startswith((" =", "=")) else ""
+    body = text.split("\n", 1)[1] if titled and "\n" in text else text
+    tokens = body.split()
     for i in range(0, len(tokens), words):
       chunk = tokens[i:i + words]
       if len(chunk) >= max(4, words // 4):
-        out.append({"text": " ".join(chunk),
+        out.append({"text": (f"{title}\n" if titled and title else "") + " ".join(chunk),
                     "source": f"{source} doc {d}{f' ({title})' if title else ''} words {i}-{i + len(chunk)}"})
   return out
 
