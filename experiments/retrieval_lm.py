@@ -221,54 +221,6 @@ def score(model, params, tokenizer, tokens, starts, docs_per_window, p: dict) ->
   return np.concatenate(out)
 
 
-def summarise(results: dict, stride: int, seed: int) -> dict:
-  """Perplexity with a 95% bootstrap interval over blocks, and the paired change against none."""
-  rng = np.random.default_rng(seed)
-  base = np.asarray(results["none"]) / stride
-  n = len(base)
-  picks = rng.integers(0, n, (2000, n))
-  table = {}
-  for name, nll in results.items():
-    loss = np.asarray(nll) / stride
-    boot = np.exp(loss[picks].mean(1))
-    diff = (loss - base)[picks].mean(1)
-    lo, hi = np.percentile(diff, [2.5, 97.5])
-    verdict = "same as none" if name == "none" else \
-        ("helps" if hi < 0 else "hurts" if lo > 0 else "no significant change")
-    table[name] = {"perplexity": float(np.exp(loss.mean())),
-                   "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-                   "loss_change": float((loss - base).mean()), "loss_change_ci95": [float(lo), float(hi)],
-                   "verdict": verdict, "blocks": n}
-  return table
-
-
-def plot(table: dict, ks, path: str) -> None:
-  """Change in loss against no retrieval (paired 95% interval over blocks) for each retriever and k."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  ax.axhline(0.0, color="k", lw=1, label=f"no retrieval (ppl {table['none']['perplexity']:.1f})")
-  if "oracle" in table:
-    ax.axhline(table["oracle"]["loss_change"], color="grey", ls="--", lw=1,
-               label="oracle: the evaluated block in context")
-  kinds = [k for k in ("bm25", "dense", "random") if f"{k}_k{ks[0]}" in table]
-  for n, kind in enumerate(kinds):
-    ys = [table[f"{kind}_k{k}"] for k in ks]
-    x = np.asarray(ks, float) * (1 + 0.04 * (n - 1))
-    mid = np.asarray([y["loss_change"] for y in ys])
-    ci = np.asarray([y["loss_change_ci95"] for y in ys]).T
-    ax.errorbar(x, mid, yerr=np.abs(ci - mid), capsize=3, marker="o", label=kind)
-  ax.set_xscale("log", base=2)
-  ax.set_xticks(ks, [str(k) for k in ks])
-  ax.set_xlabel("retrieved passages k")
-  ax.set_ylabel("loss change vs no retrieval (nats/token)")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def git_commit() -> str:
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -287,6 +239,7 @@ def main(argv):
   from gptjax.model import models  # pylint: disable=g-import-not-at-top
   from gptjax.inference import retrieval
   from gptjax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from experiments import retrieval_lm_report as report  # pylint: disable=g-import-not-at-top
   p = dict(PRESETS[FLAGS.preset])
   p["windows"] = FLAGS.windows or p["windows"]
   if FLAGS.seq_len and not FLAGS.lm:
@@ -370,7 +323,11 @@ def main(argv):
                  "example": {"query": queries[0], "passages": docs[0]}}, f)
     print(f"{name}: perplexity {np.exp(nll.mean() / p['stride']):.2f} ({time.time() - t:.0f} s)",
           flush=True)
-  table = summarise(results, p["stride"], FLAGS.seed)
+  table = report.summarise(results, p["stride"], FLAGS.seed)
+  blocks = [tokenizer.decode(tokens[b:b + p["stride"]]) for b in starts]
+  contexts = [tokenizer.decode(tokens[b - (p["seq_len"] - p["stride"]):b]) for b in starts]
+  for name, docs in settings.items():
+    table[name]["new_word_recall"] = report.new_word_recall(blocks, contexts, docs)
   wall = time.time() - t0
   record = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
             time.gmtime()), "commit": git_commit(), "wall_seconds": round(wall, 1),
@@ -379,22 +336,8 @@ def main(argv):
             "results": table}
   with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
     json.dump(record, f, indent=2)
-  lines = [f"`{record['command']}`, {record['date']}, commit {record['commit']}, "
-           f"{wall / 60:.1f} min wall (this invocation); {len(passages)} train passages of "
-           f"{p['passage_words']} words; {p['windows']} validation blocks of {p['stride']} tokens; "
-           f"context {p['seq_len']} tokens, at most {p['doc_budget']} of them retrieved text. "
-           "`oracle` is not retrieval: it prepends the evaluated block itself, the most that "
-           "in-context text can give this LM.", "",
-           "| setting | perplexity | 95% CI | loss change vs none (nats/token) | 95% CI | verdict |",
-           "|---|---|---|---|---|---|"]
-  for name, r in table.items():
-    lines.append(f"| {name} | {r['perplexity']:.2f} | {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f} | "
-                 f"{r['loss_change']:+.4f} | {r['loss_change_ci95'][0]:+.4f} to "
-                 f"{r['loss_change_ci95'][1]:+.4f} | {r['verdict']} |")
-  with open(os.path.join(FLAGS.out, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  plot(table, ks, os.path.join(FLAGS.out, "perplexity.png"))
-  print("\n".join(lines), flush=True)
+  print(report.write_markdown(os.path.join(FLAGS.out, "results.md"), record), flush=True)
+  report.plot(table, ks, os.path.join(FLAGS.out, "perplexity.png"))
 
 
 if __name__ == "__main__":

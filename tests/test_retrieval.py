@@ -166,6 +166,9 @@ def test_smoke_experiment_then_generation_with_sources(tmp_path, data_cache):
   for r in record["results"].values():
     assert r["ci95"][0] <= r["perplexity"] <= r["ci95"][1]
   assert (out / "perplexity.png").stat().st_size > 0 and "| bm25_k2 |" in (out / "results.md").read_text()
+  recall = {name: r["new_word_recall"] for name, r in record["results"].items()}
+  assert recall["oracle"] == 1.0 and recall["none"] == 0.0
+  assert all(0.0 <= v <= 1.0 for v in recall.values())
   again = run("experiments/retrieval_lm.py", "--preset=smoke", f"--workdir={work}", f"--out={out}")
   assert again.returncode == 0 and again.stdout.count("done before, skipped") == len(names)
   gen = run("run.py", "--config=configs/gpt.py:tiny", "--mode=generate", f"--workdir={work}/lm",
@@ -205,3 +208,14 @@ def test_titled_passages_start_with_their_article_title_as_dpr_passages_do():
     assert len(body.split()) <= 100
   assert sum(len(p["text"].split("\n")[1].split()) for p in titled) < sum(
       len(p["text"].split()) for p in plain)  # the heading words left the bodies
+
+
+def test_new_word_recall_counts_only_words_the_context_lacks():
+  from experiments import retrieval_lm_report as report  # pylint: disable=g-import-not-at-top
+  blocks = ["The castle was built by Edward", "of the river"]
+  contexts = ["King Edward ruled", "the long"]
+  docs = [["Edward built a castle in Wales"], []]
+  # block 1: castle, built are new (edward is in the context); the passage holds both.
+  # block 2: river is new and absent; "of the" are stopwords.
+  assert report.new_word_recall(blocks, contexts, docs) == 0.5
+  assert report.new_word_recall(blocks[:1], contexts[:1], [["a moat"]]) == 0.0
