@@ -47,6 +47,9 @@ flags.DEFINE_integer("seq_len", 0, "LM context in tokens (0: the preset's); an i
                      "read more than the GPT trained here.")
 flags.DEFINE_integer("doc_budget", 0, "Most context tokens that retrieved text may take (0: the "
                      "preset's).")
+flags.DEFINE_enum("eval_corpus", "wikitext2", ["wikitext2", "enwiki2015"],
+                  "Whose validation split is scored (enwiki2015: Wikipedia articles held out by "
+                  "article, whose neighbours in the same dump are in its train split).")
 flags.DEFINE_enum("retrieval_corpus", "wikitext2", ["wikitext2", "enwiki2015"],
                   "Whose train split is retrieved from (enwiki2015: 16M words of Wikipedia, held "
                   "out by article; BM25 suits it, a dense index of it takes hours here).")
@@ -179,6 +182,8 @@ def get_index(kind: str, directory: str, passages, corpus, embedder):
 def eval_windows(config, tokenizer, p: dict, n: int):
   """Validation blocks: (start offsets, the token stream, query texts, evaluated texts)."""
   from gptjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.data.corpus = p["eval_corpus"]
   tokens = input_pipeline.tokenized(config, tokenizer, "validation", "stream")["tokens"]
   L, s = p["seq_len"], p["stride"]
   starts = np.linspace(L - s, len(tokens) - s, n).astype(np.int64)
@@ -250,6 +255,7 @@ def main(argv):
   p["passage_words"] = FLAGS.passage_words or p["passage_words"]
   p["passage_titles"] = FLAGS.passage_titles
   p["query_tokens"] = FLAGS.query_tokens or p["query_tokens"]
+  p["eval_corpus"] = FLAGS.eval_corpus
   if p["passage_words"] < 4 or p["query_tokens"] < 1:
     raise SystemExit(f"error: --passage_words={p['passage_words']} must be at least 4 and "
                      f"--query_tokens={p['query_tokens']} at least 1")
@@ -290,6 +296,8 @@ def main(argv):
   key = {"lm": FLAGS.lm or "trained here", "lm_step": 0 if FLAGS.lm else int(config.train.steps), "corpus": corpus["fingerprint"],
          "windows": p["windows"], "seq_len": p["seq_len"], "stride": p["stride"], "query_tokens": p["query_tokens"],
          "doc_budget": p["doc_budget"], "seed": FLAGS.seed}
+  if p["eval_corpus"] != "wikitext2":  # keys of the wikitext2 runs stay as they were
+    key["eval_corpus"] = p["eval_corpus"]
   os.makedirs(os.path.join(FLAGS.out, "settings"), exist_ok=True)
   any_index = next(iter(indices.values()))
   retrieved = {}
