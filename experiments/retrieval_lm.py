@@ -16,6 +16,8 @@ passages for k in --ks (query: the last --query_tokens tokens before the block, 
 does), with k random passages (the control), and with the evaluated block itself prepended
 (`oracle`: not retrieval, the upper bound of what in-context text can give this LM). Retrieved text displaces the oldest context, as
 in the paper. A passage that shares an 8-word run with the evaluated text is never used.
+With --eval_corpus=enwiki2015 the scored blocks come from enwiki2015's validation articles
+instead (held out by article), so retrieval from enwiki2015 train can find their neighbours.
 Per-setting results are saved as they finish (a rerun skips them); results.md, results.json and
 perplexity.png summarise, with 95% bootstrap intervals over blocks and the difference to no
 retrieval.
