@@ -145,8 +145,9 @@ def _token_embed(cfg: ModelConfig) -> layers.Embed:
 
 
 def _dense(cfg: ModelConfig, out: int, axes, name: str, use_bias: bool = True) -> layers.Dense:
-  return layers.Dense((cfg.embed_dim,), (out,), axes, cfg.init_std, use_bias, cfg.compute_dtype,
-                      ops_for(cfg), name=name)
+  # T5's init_std (1.0) is its embeddings'; its dense kernels are fan-in scaled, heads included
+  return layers.Dense((cfg.embed_dim,), (out,), axes, layers.kernel_std(cfg, cfg.embed_dim),
+                      use_bias, cfg.compute_dtype, ops_for(cfg), name=name)
 
 
 class EncoderOnly(nn.Module):
